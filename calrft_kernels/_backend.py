@@ -1,0 +1,104 @@
+"""Which backends exist on this machine, and why not when one does not.
+
+Importing this module never needs a GPU, triton or a built extension: every probe is lazy and
+turns failures into a reason string that error messages quote."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+@functools.lru_cache(None)
+def native():
+    """(module or None, reason): the compiled calrft_kernels._C."""
+    try:
+        return importlib.import_module("calrft_kernels._C"), ""
+    except ImportError as exc:  # not built: pip install -e . (see README)
+        return None, f"the native extension calrft_kernels._C is not built ({exc})"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def _triton_import():
+    try:
+        import triton  # noqa: F401
+        return True, ""
+    except Exception as exc:  # pragma: no cover - triton ships with torch here
+        return False, f"triton is not importable ({exc})"
+
+
+def triton_usable(device) -> tuple[bool, str]:
+    ok, why = _triton_import()
+    if not ok:
+        return ok, why
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return True, ""
+    return False, (f"triton kernels run on CUDA tensors (or on CPU tensors under "
+                   f"TRITON_INTERPRET=1), got a {device.type} tensor")
+
+
+def cpu_native_usable(device) -> tuple[bool, str]:
+    mod, why = native()
+    if mod is None:
+        return False, why
+    if device.type != "cpu":
+        return False, f"the C++ CPU kernels need CPU tensors, got a {device.type} tensor"
+    return True, ""
+
+
+def cuda_native_usable(device, symbol: str) -> tuple[bool, str]:
+    mod, why = native()
+    if mod is None:
+        return False, why
+    if not getattr(mod, "with_cuda", False):
+        return False, "calrft_kernels._C was built without CUDA (see setup.py's build log)"
+    if not hasattr(mod, symbol):
+        return False, f"this op has no CUDA C++ kernel ({symbol})"
+    if device.type != "cuda":
+        return False, f"the CUDA kernels need CUDA tensors, got a {device.type} tensor"
+    return True, ""
+
+
+def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
+            has_triton: bool = True) -> str:
+    """Map backend="auto" to a concrete one for `device`, and check a forced one exists here."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            backend = "triton" if has_triton else "cuda"
+        elif device.type == "cpu":
+            backend = "cpu"
+        else:
+            backend = "reference"
+    if backend == "reference":
+        return backend
+    if backend == "cpu":
+        ok, why = cpu_native_usable(device)
+    elif backend == "triton":
+        ok, why = triton_usable(device) if has_triton else (False, f"{op} has no Triton kernel")
+    else:
+        ok, why = cuda_native_usable(device, cuda_symbol or f"{op}_cuda")
+    if not ok:
+        raise ValueError(f"backend={backend!r} is unavailable for {op}: {why}")
+    return backend
+
+
+def describe() -> dict:
+    """What runs where on this machine (for the README's backend matrix and bug reports)."""
+    import torch
+    mod, why = native()
+    return {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "native_cpu": mod is not None or why,
+        "native_cuda": bool(mod is not None and getattr(mod, "with_cuda", False)),
+        "triton": _triton_import()[0] or _triton_import()[1],
+        "triton_interpreter": triton_interpreted(),
+    }

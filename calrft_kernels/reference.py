@@ -1,0 +1,71 @@
+"""Plain-PyTorch references. They materialise B x B matrices on purpose: they are the ground truth
+for tests (run them in float64) and the "reference" backend. Nothing here is fused or clever."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def target_matrix(labels: Optional[Tensor], n: int, label_smoothing: float = 0.0,
+                  dtype=torch.float64, device=None) -> Tensor:
+    """Y: identity, or the row-normalised same-label matrix; then (1 - e) Y + e / n."""
+    if labels is None:
+        y = torch.eye(n, dtype=dtype, device=device)
+    else:
+        same = (labels[:, None] == labels[None, :]).to(dtype)
+        y = same / same.sum(1, keepdim=True)
+    return (1.0 - label_smoothing) * y + label_smoothing / n
+
+
+def contrastive_stats_reference(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor,
+                                tq: Optional[Tensor] = None, tk: Optional[Tensor] = None,
+                                tscale: Optional[Tensor] = None, with_cols: bool = True):
+    """The statistics every contrastive kernel computes, from the materialised S = scale q k^T + bias.
+
+    row_stats[0, i] = logsumexp_j S_ij                       (column stats: the same over i)
+    with a teacher T = tscale tq tk^T, also
+    row_stats[1, i] = logsumexp_j T_ij
+    row_stats[2, i] = sum_j softmax(T)_ij S_ij
+    Returns (row_stats [R, M], col_stats [R, N] or [R, 0] when not with_cols), R = 1 or 3.
+    """
+    s = scale * (q @ k.T) + bias
+    rows, cols = [torch.logsumexp(s, 1)], [torch.logsumexp(s, 0)]
+    if tq is not None:
+        t = tscale * (tq @ tk.T)
+        rows += [torch.logsumexp(t, 1), (torch.softmax(t, 1) * s).sum(1)]
+        cols += [torch.logsumexp(t, 0), (torch.softmax(t, 0) * s).sum(0)]
+    row_stats = torch.stack(rows)
+    col_stats = torch.stack(cols) if with_cols else row_stats.new_empty(len(rows), 0)
+    return row_stats, col_stats
+
+
+def contrastive_loss_reference(image_features: Tensor, text_features: Tensor, logit_scale,
+                               logit_bias=None, *, labels: Optional[Tensor] = None,
+                               label_smoothing: float = 0.0,
+                               teacher_image_features: Optional[Tensor] = None,
+                               teacher_text_features: Optional[Tensor] = None,
+                               teacher_logit_scale=None, distill_weight: float = 0.0,
+                               local_rows: Optional[slice] = None) -> Tensor:
+    """The api.md formula on the materialised logits of the whole (global) batch.
+
+    local_rows selects the rows (images) and columns (texts) whose losses are returned, as a rank
+    does with a process group; the means are then over those rows only."""
+    n = image_features.shape[0]
+    sl = local_rows if local_rows is not None else slice(0, n)
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    y = target_matrix(labels, n, label_smoothing, logits.dtype, logits.device)
+    row_ce = -(y * torch.log_softmax(logits, 1)).sum(1)[sl]
+    col_ce = -(y.T * torch.log_softmax(logits.T, 1)).sum(1)[sl]
+    loss = 0.5 * (row_ce.mean() + col_ce.mean())
+    if distill_weight:
+        with torch.no_grad():
+            t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+            p_row, p_col = torch.softmax(t, 1), torch.softmax(t.T, 1)
+        row_sd = -(p_row * torch.log_softmax(logits, 1)).sum(1)[sl]
+        col_sd = -(p_col * torch.log_softmax(logits.T, 1)).sum(1)[sl]
+        loss = loss + distill_weight * (row_sd.mean() + col_sd.mean())
+    return loss
