@@ -10,7 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   calrft::register_contrastive_cpu(m);
   calrft::register_spectral_cpu(m);
 #ifdef CALRFT_WITH_CUDA
-  calrft::register_spectral_cuda(m);
+  calrft::register_covariance_cuda(m);
+  calrft::register_lanczos_cuda(m);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

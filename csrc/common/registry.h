@@ -6,6 +6,7 @@ namespace calrft {
 void register_contrastive_cpu(pybind11::module_& m);   // csrc/cpu/contrastive.cpp
 void register_spectral_cpu(pybind11::module_& m);      // csrc/cpu/spectral.cpp
 #ifdef CALRFT_WITH_CUDA
-void register_spectral_cuda(pybind11::module_& m);     // csrc/cuda/spectral.cu
+void register_covariance_cuda(pybind11::module_& m);   // csrc/cuda/covariance.cu
+void register_lanczos_cuda(pybind11::module_& m);      // csrc/cuda/lanczos.cu
 #endif
 }  // namespace calrft
