@@ -1,0 +1,5 @@
+#include "common/registry.h"
+
+namespace calrft {
+void register_covariance_cuda(pybind11::module_& m) {}
+}  // namespace calrft
