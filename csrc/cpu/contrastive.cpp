@@ -549,6 +549,24 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_backward_cpu(
   });
 }
 
+// Test hook: the kernel's elementwise exp (vector lanes for the bulk, scalar tail), so the tests
+// can measure its error against float64 directly.
+at::Tensor contrastive_exp_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "x must be a float32 or float64 CPU tensor");
+  at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "contrastive_exp_cpu", [&] {
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for_lanes<scalar_t>(in.numel(), [&](auto L, int64_t j) {
+      using Lanes = decltype(L);
+      Lanes::store(dst + j, Lanes::exp(Lanes::load(src + j)));
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 void register_contrastive_cpu(pybind11::module_& m) {
@@ -564,6 +582,8 @@ void register_contrastive_cpu(pybind11::module_& m) {
         py::arg("grad_row"), py::arg("grad_col"), py::arg("q"), py::arg("k"), py::arg("scale"),
         py::arg("bias"), py::arg("tq"), py::arg("tk"), py::arg("tscale"), py::arg("row_stats"),
         py::arg("col_stats"), py::arg("with_cols"), py::call_guard<py::gil_scoped_release>());
+  m.def("_contrastive_exp_cpu", &contrastive_exp_cpu,
+        "Test hook: the CPU contrastive kernel's elementwise exp.", py::arg("x"));
 }
 
 }  // namespace calrft
