@@ -347,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p) {
   std::vector<std::vector<T>> thread_cols;  // one [5, N] Running block per thread
 
   at::parallel_for(0, panels.count, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     ForwardScratch<T> w;
     w.s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
     if (kTeacher) w.t_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
@@ -468,6 +469,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
   std::vector<at::Tensor> thread_dk;  // one [N, d] accumulator per thread, summed at the end
 
   at::parallel_for(0, panels.count, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
     at::Tensor t_tile = kTeacher ? at::empty({kMaxPanelRows * kTileCols}, opts) : at::Tensor();
     at::Tensor my_dk = at::zeros({p.N, p.d}, opts);
@@ -526,6 +528,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
     const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
     const std::optional<at::Tensor>& tscale, bool with_cols) {
+  // The tile products are ATen ops on views of q and k: keep them out of autograd (the op's
+  // autograd lives in Python), or out= products refuse inputs that require grad.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Problem p = make_problem(q, k, scale, bias, tq, tk, tscale, with_cols);
   return dispatch(p, [&]<typename T, bool kTeacher, bool kCols>() {
     return forward_impl<T, kTeacher, kCols>(p);
@@ -538,6 +543,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_backward_cpu(
     const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
     const std::optional<at::Tensor>& tscale, const at::Tensor& row_stats,
     const at::Tensor& col_stats, bool with_cols) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // see contrastive_stats_forward_cpu
   const Problem p = make_problem(q, k, scale, bias, tq, tk, tscale, with_cols);
   const int64_t cols = with_cols ? p.N : 0;
   const at::Tensor g_row = checked_stats(grad_row, "grad_row", p, p.M);
