@@ -193,3 +193,47 @@ def test_python_float_scalars_accepted():
     rows_f, cols_f = stats_forward(q, k, 2.0, 0.5)
     torch.testing.assert_close(rows, rows_f, rtol=0, atol=0)
     torch.testing.assert_close(cols, cols_f, rtol=0, atol=0)
+
+
+# ---- the GPU suite section's CPU-side code paths --------------------------------------------
+def test_gpu_loss_section_thin_composition_matches_reference():
+    from benchmarks.gpu import loss as section
+    from calrft_kernels.reference import contrastive_loss_reference
+    img, txt = torch.randn(37, 5), torch.randn(37, 5)
+    scale, bias = torch.tensor(4.0), torch.tensor(0.3)
+    loss, d_img, d_txt = section.thin_loss_and_grads(img, txt, scale, bias, stats_forward,
+                                                     stats_backward)
+    i64, t64 = img.double().requires_grad_(), txt.double().requires_grad_()
+    want = contrastive_loss_reference(i64, t64, scale.double(), bias.double())
+    g_img, g_txt = torch.autograd.grad(want, (i64, t64))
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_img.double(), g_img, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(d_txt.double(), g_txt, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_loss_section_bookkeeping():
+    from benchmarks.gpu import loss as section
+    assert section.units_flops(4096, 512) == 8 * 4096 ** 2 * 512
+    assert section.tflops(1e12, 1000.0) == pytest.approx(1.0)
+    assert section.tflops(1e12, None) is None
+    cases = section.timed_cases({})
+    assert {(b, d) for b, d, _ in cases} == {(b, d) for b in section.TIMED_B
+                                             for d in section.TIMED_D}
+    assert {dt for _, _, dt in cases} == {"bf16", "fp32"}
+    assert {b for b, _, _ in section.timed_cases({"CALRFT_LOSS_SIZES": "128,256"})} == {128, 256}
+    if not torch.cuda.is_available():
+        rows = section.run()
+        assert len(rows) == 1 and rows[0]["check"].startswith("UNRUN")
+        assert set(rows[0]) == {"op", "config", "check", "ms", "tflops", "note"}
+
+
+def test_gpu_loss_section_config_checks_run_under_interpreter(monkeypatch):
+    # Exercises every shipped config through the launchers' `config=` path (the GPU suite's
+    # check), on CPU tensors: one small awkward size instead of the suite's.
+    from benchmarks.gpu import loss as section
+    monkeypatch.setattr(section, "CHECK_SIZES", ((37, 45, 20),))
+    rows = section.check_configs(device="cpu")
+    from calrft_kernels.triton import contrastive as tc
+    assert len(rows) == 3 * 2 * (len(tc.FORWARD_CONFIGS) + len(tc.BACKWARD_CONFIGS))
+    assert all(r["check"].endswith(": ok") for r in rows), [r for r in rows
+                                                            if not r["check"].endswith(": ok")]

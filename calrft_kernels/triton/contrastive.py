@@ -57,6 +57,8 @@ FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+    # Two [BLOCK_M, BLOCK_N] fp32 tiles (S and T) are live with a teacher: smaller tiles spill less.
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
 ]
 BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2),
@@ -360,15 +362,21 @@ def _input_precision(dtype) -> str:
     return "ieee"
 
 
-def _launch(autotuned, grid, args, **constexprs):
-    if _interpreted():
+def _launch(autotuned, grid, args, config, **constexprs):
+    """Autotuned on a GPU; a fixed configuration under the interpreter (autotuning needs a GPU)
+    or when `config` (a triton.Config, e.g. from FORWARD_CONFIGS, for checks) is given."""
+    if config is not None:
+        autotuned.fn[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+    elif _interpreted():
         autotuned.fn[grid](*args, **constexprs, **INTERPRETER_CONFIG)
     else:
         autotuned[grid](*args, **constexprs)
 
 
 def stats_forward(q, k, scale, bias, tq: Optional[torch.Tensor] = None,
-                  tk: Optional[torch.Tensor] = None, tscale=None, with_cols: bool = True):
+                  tk: Optional[torch.Tensor] = None, tscale=None, with_cols: bool = True, *,
+                  config: Optional[triton.Config] = None):
     """(row_stats fp32 [R, M], col_stats fp32 [R, N] or [R, 0]); see the module docstring."""
     q, k, scale, bias, tq, tk, tscale, has_teacher = _prepare(q, k, scale, bias, tq, tk, tscale)
     m, d = q.shape
@@ -388,7 +396,7 @@ def stats_forward(q, k, scale, bias, tq: Optional[torch.Tensor] = None,
     _launch(_stats_fwd, grid,
             (q, k, tq if has_teacher else q, tk if has_teacher else k, scale, bias, tscale,
              row_stats, packed, locked, locks, m, n, d, tq.shape[1] if has_teacher else 0),
-            HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
+            config, HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
             INPUT_PRECISION=_input_precision(q.dtype))
     if not with_cols:
         return row_stats, row_stats.new_empty(r, 0)
@@ -408,7 +416,8 @@ def _stats_operand(name, x, shape, dev):
 
 
 def stats_backward(grad_row, grad_col, q, k, scale, bias, tq=None, tk=None, tscale=None,
-                   row_stats=None, col_stats=None, with_cols: bool = True):
+                   row_stats=None, col_stats=None, with_cols: bool = True, *,
+                   config: Optional[triton.Config] = None):
     """(dq_u fp32 [M, d], dk_u fp32 [N, d]): dS k and dS^T q for upstream gradients
     grad_row [R, M], grad_col [R, N] (rows 1, the teacher log-sum-exps, are ignored)."""
     q, k, scale, bias, tq, tk, tscale, has_teacher = _prepare(q, k, scale, bias, tq, tk, tscale)
@@ -430,6 +439,6 @@ def stats_backward(grad_row, grad_col, q, k, scale, bias, tq=None, tk=None, tsca
             (q, k, tq if has_teacher else q, tk if has_teacher else k, scale, bias, tscale,
              grad_row, grad_col, row_stats, col_stats, dq, dk,
              m, n, d, tq.shape[1] if has_teacher else 0),
-            HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
+            config, HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
             INPUT_PRECISION=_input_precision(q.dtype))
     return dq, dk
