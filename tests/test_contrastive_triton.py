@@ -237,3 +237,15 @@ def test_gpu_loss_section_config_checks_run_under_interpreter(monkeypatch):
     assert len(rows) == 3 * 2 * (len(tc.FORWARD_CONFIGS) + len(tc.BACKWARD_CONFIGS))
     assert all(r["check"].endswith(": ok") for r in rows), [r for r in rows
                                                             if not r["check"].endswith(": ok")]
+
+
+def test_teacher_dtype_may_differ_from_student():
+    args, ref = _make(31, 45, 20, torch.float16, True, dt=9)
+    args["tq"], args["tk"] = ref["tq"].float(), ref["tk"].float()  # fp32 teacher, fp16 student
+    rows, cols = stats_forward(*(args[x] for x in ("q", "k", "scale", "bias", "tq", "tk",
+                                                   "tscale")), True)
+    ref_rows, ref_cols = contrastive_stats_reference(*(ref[x] for x in (
+        "q", "k", "scale", "bias", "tq", "tk", "tscale")))
+    atol = 2e-6 * _bound(ref)
+    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(cols.double(), ref_cols, rtol=1e-5, atol=atol)

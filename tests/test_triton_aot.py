@@ -7,7 +7,7 @@ subprocess whose environment lacks TRITON_INTERPRET. This file is also that subp
 
     python tests/test_triton_aot.py            # JSON, one record per compiled variant
     python tests/test_triton_aot.py --table    # the same as a markdown table
-    python tests/test_triton_aot.py --full --table   # also every variant of fp16 / fp32
+    python tests/test_triton_aot.py --full --table   # every (teacher, with_cols) variant
 """
 import json
 import os
@@ -57,8 +57,9 @@ def _resource_usage(cubin: bytes, name: str):
 
 def _jobs(full):
     """(kernel, config index, dtype, precision, teacher, with_cols) to compile. The test compiles
-    every config x dtype in the heaviest variant (teacher and column statistics: both merge
-    mechanisms' code, most registers) and every variant in bf16; `full` adds the rest."""
+    every config x dtype in the heaviest variant (teacher and column statistics: the lock merge,
+    most registers) and, in bf16, the no-teacher variant with column statistics (the CAS merge;
+    CLIP training's path); `full` adds every other variant (~2 s of CPU per compile)."""
     from calrft_kernels.triton import contrastive as mod
     jobs = []
     for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
@@ -66,7 +67,7 @@ def _jobs(full):
         for ci in range(len(configs)):
             for op, precision in DTYPES:
                 for teacher, with_cols in VARIANTS:
-                    wanted = (teacher and with_cols) or (op == "bf16") or (
+                    wanted = (teacher and with_cols) or (op == "bf16" and with_cols) or (
                         full and precision == "tf32")
                     if wanted:
                         jobs.append((kernel_name, ci, op, precision, teacher, with_cols))
@@ -131,7 +132,7 @@ def test_every_shipped_config_compiles_for_sm90():
     from calrft_kernels.triton import contrastive as mod
     records = _run_subprocess()
     n_configs = len(mod.FORWARD_CONFIGS) + len(mod.BACKWARD_CONFIGS)
-    assert len(records) == n_configs * (len(DTYPES) + len(VARIANTS) - 1)
+    assert len(records) == n_configs * (len(DTYPES) + 1)
     for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
                                  ("backward", mod.BACKWARD_CONFIGS)):
         for ci in range(len(configs)):
