@@ -30,16 +30,32 @@ import torch
 import triton
 import triton.language as tl
 
-# Autotuned on a GPU; each entry is also compiled ahead of time for sm_90 by the tests.
-GRAM_CONFIGS = [
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_D": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-]
+# Autotuned on a GPU, per operand kind; every entry is compiled ahead of time for sm_90 by the
+# tests, which also check that it fits Hopper's shared memory without register spills (fp32 as
+# tf32x3 keeps hi/lo operand copies and fp64 tiles are twice as wide: they get smaller shapes).
+GRAM_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ],
+    "fp64": [
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_D": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ],
+}
 INTERPRETER_GRAM_CONFIG = {"BLOCK_D": 32, "BLOCK_K": 32}
 # Row chunks are a multiple of the largest BLOCK_K, so no config sees a ragged chunk start.
-ROW_CHUNK_ALIGN = max(c.kwargs["BLOCK_K"] for c in GRAM_CONFIGS)
+ROW_CHUNK_ALIGN = max(c.kwargs["BLOCK_K"] for cs in GRAM_CONFIGS.values() for c in cs)
 # The column-sum pass is memory bound and simple: one fixed shape everywhere.
 SUM_BLOCK_ROWS = 64
 SUM_BLOCK_COLS = 64
@@ -136,9 +152,13 @@ def _centred_gram_kernel(z_ptr, mean_ptr, out_ptr, n_rows, n_cols, stride_row, s
              mask=ok_j[:, None] & ok_i[None, :])
 
 
-_centred_gram_autotuned = triton.autotune(
-    configs=GRAM_CONFIGS, key=["n_cols", "rows_per_chunk", "OPERAND", "PRECISION"])(
-        _centred_gram_kernel)
+_centred_gram_autotuned = {
+    kind: triton.autotune(configs=configs, key=["n_cols", "rows_per_chunk"])(_centred_gram_kernel)
+    for kind, configs in GRAM_CONFIGS.items()}
+
+
+def config_kind(dtype: torch.dtype) -> str:
+    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
 
 
 def operand_and_precision(dtype: torch.dtype, interpreted: bool):
@@ -215,7 +235,8 @@ def covariance_triton(z: torch.Tensor, correction: int = 1, *, row_chunks: int |
     n_rows, n_cols = z.shape
     mean = column_mean(z, interpreted)
     if row_chunks is None:
-        pairs_at_largest_tile = _pairs(n_cols, max(c.kwargs["BLOCK_D"] for c in GRAM_CONFIGS))
+        largest_tile = max(c.kwargs["BLOCK_D"] for c in GRAM_CONFIGS[config_kind(z.dtype)])
+        pairs_at_largest_tile = _pairs(n_cols, largest_tile)
         chunks, rows_per_chunk = plan_row_chunks(
             n_rows, pairs_at_largest_tile, _target_programs(z.device), ROW_CHUNK_ALIGN,
             8 * ROW_CHUNK_ALIGN)
@@ -232,7 +253,8 @@ def covariance_triton(z: torch.Tensor, correction: int = 1, *, row_chunks: int |
         grid = (_pairs(n_cols, INTERPRETER_GRAM_CONFIG["BLOCK_D"]), chunks)
         _centred_gram_kernel[grid](*args, **INTERPRETER_GRAM_CONFIG)  # the autotuner needs a GPU
     else:
-        _centred_gram_autotuned[lambda meta: (_pairs(n_cols, meta["BLOCK_D"]), chunks)](*args)
+        kernel = _centred_gram_autotuned[config_kind(z.dtype)]
+        kernel[lambda meta: (_pairs(n_cols, meta["BLOCK_D"]), chunks)](*args)
     cov = partial[0] if chunks == 1 else partial.sum(0)
     return cov.div_(n_rows - correction), mean
 
