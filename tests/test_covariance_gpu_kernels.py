@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from calrft_kernels.triton.covariance import covariance_triton
+from calrft_kernels.triton.covariance import _upper_tile_pair, covariance_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES_B = (1, 2, 3, 17, 97, 130)
@@ -136,6 +138,29 @@ def test_triton_bfloat16_input_is_exact_after_upcast_in_the_interpreter():
     z = features(97, 65, torch.bfloat16, mean_over_spread=50.0)
     cov, mean = covariance_triton(z, 1)
     assert_close_covariance(cov, mean, z, 1, torch.float32)
+
+
+@triton.jit
+def map_pairs(out_i, out_j, BLOCK: tl.constexpr):
+    """The kernel's pair -> (i, j) helper, applied to a block of pair ids at once."""
+    pair = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i, j = _upper_tile_pair(pair)
+    tl.store(out_i + pair, i)
+    tl.store(out_j + pair, j)
+
+
+def test_triton_tile_pair_mapping_covers_the_upper_triangle_once():
+    tiles = 90
+    count = tiles * (tiles + 1) // 2  # 4095 pairs
+    block = 1024
+    out_i = torch.full((triton.cdiv(count, block) * block,), -1, dtype=torch.int32)
+    out_j = torch.full_like(out_i, -1)
+    map_pairs[(triton.cdiv(count, block),)](out_i, out_j, BLOCK=block)
+    pairs = {(int(i), int(j)) for i, j in zip(out_i[:count], out_j[:count])}
+    assert pairs == {(i, j) for j in range(tiles) for i in range(j + 1)}
+    # Consecutive ids walk down a column of the triangle (shared tile j: L2 reuse).
+    assert [(int(i), int(j)) for i, j in zip(out_i[:6], out_j[:6])] == [
+        (0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)]
 
 
 @pytest.mark.parametrize("bad,match,error", [
