@@ -46,7 +46,7 @@ def reference_covariance(z: torch.Tensor, correction: int):
 
 def features(n_rows: int, n_cols: int, dtype, mean_over_spread: float = 3.0, generator=None):
     """Rows with a per-feature mean mean_over_spread times larger than the spread (~1)."""
-    g = generator if generator is not None else torch.Generator().manual_seed(n_rows * 1000 + n_cols)
+    g = generator or torch.Generator().manual_seed(n_rows * 1000 + n_cols)
     mu = mean_over_spread * (0.5 + torch.rand(n_cols, generator=g))
     scales = 0.2 + torch.rand(n_cols, generator=g)  # anisotropic: a non-trivial spectrum
     return (mu + scales * torch.randn(n_rows, n_cols, generator=g, dtype=torch.float64)).to(dtype)
@@ -165,7 +165,8 @@ def test_triton_tile_pair_mapping_covers_the_upper_triangle_once():
 
 @pytest.mark.parametrize("bad,match,error", [
     (lambda: covariance_triton([[1.0]], 1), "z must be a torch.Tensor", TypeError),
-    (lambda: covariance_triton(torch.ones(4, 3, dtype=torch.int32), 1), "z must be float", TypeError),
+    (lambda: covariance_triton(torch.ones(4, 3, dtype=torch.int32), 1), "z must be float",
+     TypeError),
     (lambda: covariance_triton(torch.ones(4), 1), "z must be 2-D", ValueError),
     (lambda: covariance_triton(torch.ones(0, 3), 0), "at least one row", ValueError),
     (lambda: covariance_triton(torch.ones(3, 2), 3), "correction", ValueError),
@@ -225,8 +226,9 @@ AOT_SCRIPT = textwrap.dedent(r"""
             row = compile_one(cov._centred_gram_kernel, sig, consts, config.num_warps,
                               config.num_stages)
             row.update(kernel="centred_gram", dtype=str(dtype), precision=precision,
-                       config=f"BLOCK_D={config.kwargs['BLOCK_D']} BLOCK_K={config.kwargs['BLOCK_K']}"
-                              f" warps={config.num_warps} stages={config.num_stages}")
+                       config=f"BLOCK_D={config.kwargs['BLOCK_D']} "
+                              f"BLOCK_K={config.kwargs['BLOCK_K']} "
+                              f"warps={config.num_warps} stages={config.num_stages}")
             rows.append(row)
         sig = {"z_ptr": z, "partial_ptr": acc, "n_rows": "i32", "n_cols": "i32",
                "stride_row": "i32", "stride_col": "i32", "rows_per_chunk": "i32",
@@ -294,7 +296,8 @@ static void check_tile_pairs() {
              (long long)pair, (long long)tp.i, (long long)tp.j, (long long)tiles);
       if (!(0 <= tp.i && tp.i <= tp.j && tp.j < tiles)) continue;
       EXPECT(tile_pair_index(tp.i, tp.j) == pair, "index round trip at %lld", (long long)pair);
-      EXPECT(!seen[tp.i * tiles + tp.j], "pair (%lld, %lld) twice", (long long)tp.i, (long long)tp.j);
+      EXPECT(!seen[tp.i * tiles + tp.j], "pair (%lld, %lld) twice", (long long)tp.i,
+             (long long)tp.j);
       seen[tp.i * tiles + tp.j] = 1;
     }
   }
@@ -347,7 +350,8 @@ static void check_row_chunks() {
         const RowChunks plans[] = {plan_sum_chunks(n_rows, items, sms),
                                    plan_gram_chunks(n_rows, items, sms)};
         for (const RowChunks& c : plans) {
-          EXPECT(c.count >= 1 && c.count <= kMaxChunks && c.rows >= 1, "count %lld", (long long)c.count);
+          EXPECT(c.count >= 1 && c.count <= kMaxChunks && c.rows >= 1, "count %lld",
+                 (long long)c.count);
           EXPECT((c.count - 1) * c.rows < n_rows && n_rows <= c.count * c.rows,
                  "coverage rows=%lld count=%lld n=%lld", (long long)c.rows, (long long)c.count,
                  (long long)n_rows);
@@ -419,9 +423,9 @@ static void emulate(const float* z, int64_t n_rows, int64_t n_cols, int64_t stri
             const acc_t m = ok ? mean[cols[s]] : acc_t(0);
             for (int slot = 0; slot < kLoadsPerThread; ++slot) {
               const int64_t r = r0 + stage_row(tid, slot);
+              const int64_t at = r * stride_row + cols[s] * stride_col;
               stage[s][stage_row(tid, slot)][col] =
-                  (ok && r < row_end) ? static_cast<acc_t>(z[r * stride_row + cols[s] * stride_col]) - m
-                                      : acc_t(0);
+                  (ok && r < row_end) ? static_cast<acc_t>(z[at]) - m : acc_t(0);
             }
           }
         }
@@ -431,7 +435,8 @@ static void emulate(const float* z, int64_t n_rows, int64_t n_cols, int64_t stri
             for (int x = 0; x < kMicro; ++x) {
               for (int y = 0; y < kMicro; ++y) {
                 acc_t& a = acc[(tid * kMicro + x) * kMicro + y];
-                a = std::fma(stage[0][k][micro_offset(mr, x)], stage[b_stage][k][micro_offset(mc, y)], a);
+                a = std::fma(stage[0][k][micro_offset(mr, x)],
+                             stage[b_stage][k][micro_offset(mc, y)], a);
               }
             }
           }
@@ -448,7 +453,9 @@ static void emulate(const float* z, int64_t n_rows, int64_t n_cols, int64_t stri
       }
     }
   }
-  for (size_t e = 0; e < workspace.size(); ++e) EXPECT(workspace[e] != acc_t(-12345), "unwritten %zu", e);
+  for (size_t e = 0; e < workspace.size(); ++e) {
+    EXPECT(workspace[e] != acc_t(-12345), "unwritten %zu", e);
+  }
   // Finalise: sum the chunks, scale, mirror.
   const int64_t chunk_stride = pairs * kTile * kTile;
   for (int64_t e = 0; e < n_cols * n_cols; ++e) {
