@@ -34,6 +34,12 @@ def _stats_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _plain(*tensors):
+    """Detached views: kernels are opaque to autograd (register_autograd differentiates them), and
+    their worker threads do not inherit no_grad, so no input may carry requires_grad."""
+    return [None if t is None else t.detach() for t in tensors]
+
+
 def _kernels(backend: str):
     """(forward, backward) launchers of a concrete backend; both follow docs/design.md."""
     if backend == "cpu":
@@ -53,7 +59,7 @@ def contrastive_stats(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, tq: Opt
                       backend: str) -> tuple[Tensor, Tensor]:
     """Row (and column) statistics of S = scale q k^T + bias; see docs/design.md."""
     forward, _ = _kernels(backend)
-    return forward(q, k, scale, bias, tq, tk, tscale, with_cols)
+    return forward(*_plain(q, k, scale, bias, tq, tk, tscale), with_cols)
 
 
 @contrastive_stats.register_fake
@@ -71,8 +77,8 @@ def contrastive_stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k:
                                backend: str) -> tuple[Tensor, Tensor]:
     """(dS k, dS^T q) for the dS that the statistics' gradients imply (unscaled by `scale`)."""
     _, backward = _kernels(backend)
-    return backward(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats, col_stats,
-                    with_cols)
+    return backward(*_plain(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats,
+                            col_stats), with_cols)
 
 
 @contrastive_stats_backward.register_fake
