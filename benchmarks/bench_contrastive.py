@@ -150,7 +150,7 @@ def measure(sizes, methods, d, reps, big_reps, limit_bytes, timeout):
     for B in sizes:
         for method in methods:
             need = BYTES_PER_B2.get(method, 0) * B * B
-            if need > limit_bytes:
+            if need >= limit_bytes:
                 results.append(dict(method=method, B=B, skipped=f"needs ~{need / 2**30:.0f} GiB"))
                 print(f"  skip {method:14s} B={B}: needs ~{need / 2**30:.1f} GiB > limit", flush=True)
                 continue
