@@ -31,10 +31,14 @@ int64_t column_block(int64_t d) {
   return (d + 3) / 4;
 }
 
-std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double correction) {
+// fp64_accumulate: centre and multiply in fp64 whatever the input dtype (chunk by chunk: never a
+// B x d fp64 copy). covariance_sigma_min needs it: fp32 accumulation perturbs Sigma by ~1e-7
+// ||Sigma||, i.e. the error of fp32 eigvalsh, on lambda_min of an ill-conditioned Sigma.
+std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double correction,
+                                                  bool fp64_accumulate) {
   TORCH_CHECK(z_in.dim() == 2, "z must be 2-D");
   const int64_t B = z_in.size(0), d = z_in.size(1);
-  const auto ct = compute_dtype(z_in.scalar_type());
+  const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
   // Pass 1: the mean, accumulated in fp64 whatever the input dtype.
   at::Tensor mean = z_in.sum(0, /*keepdim=*/false, at::kDouble).div_(double(std::max<int64_t>(B, 1)));
   at::Tensor mean_c = mean.to(ct);
@@ -225,7 +229,7 @@ at::Tensor chan_merge_cpu(const at::Tensor& ma, const at::Tensor& mb, const at::
 
 void register_spectral_cpu(pybind11::module_& m) {
   m.def("covariance_cpu", &covariance_cpu, "centred covariance (cov, mean fp64)",
-        pybind11::arg("z"), pybind11::arg("correction"));
+        pybind11::arg("z"), pybind11::arg("correction"), pybind11::arg("fp64_accumulate") = false);
   m.def("smallest_eig_cpu", &smallest_eig_cpu,
         "smallest eigenpairs: preconditioned block Davidson (values, vectors, factor, stats)",
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
