@@ -117,7 +117,13 @@ def _covariance_impl(z: Tensor, correction: float, backend: str, fp64: bool = Fa
     elif which == "cuda":
         cov, mean = _backend.native()[0].covariance_cuda(z, float(correction))
     elif which == "triton":
-        from .triton.covariance import covariance_triton  # lazy: another module's kernel
+        try:
+            from .triton.covariance import covariance_triton  # lazy: another module's kernel
+        except ImportError:
+            if backend != "auto":
+                raise ValueError("backend='triton' is unavailable for batch_covariance: "
+                                 "calrft_kernels.triton.covariance is missing") from None
+            return _covariance_reference(z, correction)
         cov, mean = covariance_triton(z, float(correction))
     else:
         cov, mean = _covariance_reference(z, correction)

@@ -38,8 +38,7 @@ def check(a, value, vector, tol=1e-4):
 
 CASES = [(kind, d, kappa) for kind in ("log", "power", "cluster")
          for d in (1, 2, 64, 257) for kappa in (1e2, 1e6)]
-CASES += [("log", 512, 1e2), ("log", 512, 1e6), ("cluster", 512, 1e4), ("power", 512, 1e6),
-          ("log", 1024, 1e4)]
+CASES += [("log", 512, 1e2), ("cluster", 512, 1e6), ("log", 1024, 1e4)]
 
 
 @pytest.mark.parametrize("kind,d,kappa", CASES)
@@ -85,7 +84,9 @@ def test_warm_start_and_factor_reuse():
     assert warm.converged and warm.iterations < info.iterations
     # a bare factor tensor (shift re-derived) works too, and a bad one is only slower
     check(b, *smallest_eigenvalue(b, factor=info.factor))
-    check(b, *smallest_eigenvalue(b, factor=torch.eye(300)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # retried with a fresh factor, no fallback
+        check(b, *smallest_eigenvalue(b, factor=torch.eye(300), max_iter=30))
 
 
 def test_tol_is_relative():
@@ -111,14 +112,16 @@ def test_method_eigh_and_singular():
     a = matrix("log", 80, 1e3)
     check(a, *smallest_eigenvalue(a, method="eigh"), tol=1e-12)
     x = torch.randn(80, 30, dtype=torch.float64)
-    singular = x @ x.T                             # rank 30: lambda_min = 0
-    value, _ = smallest_eigenvalue(singular)
+    singular = x @ x.T                             # rank 30: lambda_min = 0 (multiplicity 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # converges: no dense fallback
+        value, _ = smallest_eigenvalue(singular)
     assert abs(float(value)) <= 1e-9 * float(singular.diagonal().max())
 
 
 def test_gradient_matches_eigvalsh_autograd():
     a = matrix("log", 120, 1e2).requires_grad_()
-    value, _ = smallest_eigenvalue(a)
+    value, _ = smallest_eigenvalue(a, tol=1e-12)   # the gradient needs an accurate vector
     (grad,) = torch.autograd.grad(value, a)
     a_ref = a.detach().clone().requires_grad_()
     (ref,) = torch.autograd.grad(torch.linalg.eigvalsh(a_ref)[0], a_ref)

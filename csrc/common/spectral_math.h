@@ -36,12 +36,14 @@ CALRFT_HD double chan_comoment(double na, double nb, double m_a, double m_b, dou
 // lambda_next is estimated by the first Ritz value outside theta's cluster (relative width
 // tol/2: mixing inside such a cluster moves theta by less than tol/2). Returns the RELATIVE
 // error estimate; infinity when no Ritz value lies outside the cluster (cannot bound yet).
+// floor_abs (~ the rounding level of A, e.g. 1e-14 d max A_ii) widens the cluster and bounds the
+// reference value from below, so a singular A (lambda = 0, any multiplicity) converges.
 CALRFT_HD double relative_error_estimate(double rTw, int index, const double* theta, int m,
                                          double tol, double delta, double floor_abs) {
   const double t = theta[index];
   const double ref = fmax(fabs(t), floor_abs);
   for (int j = index + 1; j < m; ++j) {
-    if (theta[j] > t + 0.5 * tol * ref) {
+    if (theta[j] > t + 0.5 * tol * ref + floor_abs) {
       const double g = (theta[j] - t) / (fmax(theta[j], 0.0) + delta);
       return fmax(rTw, 0.0) / (g * ref);
     }

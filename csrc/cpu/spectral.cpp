@@ -25,52 +25,53 @@ at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Column blocks for the lower-triangular product: few enough that each GEMM stays large.
-int64_t column_block(int64_t d) {
-  if (d <= 256) return d;
-  return (d + 3) / 4;
-}
-
 // fp64_accumulate: centre and multiply in fp64 whatever the input dtype (chunk by chunk: never a
 // B x d fp64 copy). covariance_sigma_min needs it: fp32 accumulation perturbs Sigma by ~1e-7
 // ||Sigma||, i.e. the error of fp32 eigvalsh, on lambda_min of an ill-conditioned Sigma.
+//
+// Pass 1: the mean, summed in fp64. Pass 2: chunks of kChunk rows are centred straight into one
+// contiguous buffer per column block (the only copies: chunk x d), then the block-lower triangle
+// of the chunk's Gram matrix is accumulated (2 column blocks for d > 256: 3 of 4 block GEMMs).
+// Each block accumulator is contiguous (in-place GEMM into a strided view made ATen copy).
 std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double correction,
                                                   bool fp64_accumulate) {
   TORCH_CHECK(z_in.dim() == 2, "z must be 2-D");
+  constexpr int64_t kChunk = 8192;
   const int64_t B = z_in.size(0), d = z_in.size(1);
   const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
-  // Pass 1: the mean, accumulated in fp64 whatever the input dtype.
   at::Tensor mean = z_in.sum(0, /*keepdim=*/false, at::kDouble).div_(double(std::max<int64_t>(B, 1)));
   at::Tensor mean_c = mean.to(ct);
-  at::Tensor acc = at::zeros({d, d}, z_in.options().dtype(ct));
-  const int64_t chunk = 2048, cb = column_block(d);
-  at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), d}, acc.options());
-  // Pass 2: centre a chunk of rows into `buf` (the only copy, chunk x d), then the lower block
-  // triangle of buf^T buf. Column slices of a row-major buffer are BLAS-compatible (ld = d).
-  for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-    const int64_t rows = std::min(chunk, B - r0);
-    at::Tensor c = buf.narrow(0, 0, rows);
-    at::sub_out(c, z_in.narrow(0, r0, rows).to(ct), mean_c);
-    for (int64_t i0 = 0; i0 < d; i0 += cb) {
-      const int64_t ni = std::min(cb, d - i0);
-      for (int64_t j0 = 0; j0 <= i0; j0 += cb) {
-        const int64_t nj = std::min(cb, d - j0);
-        at::Tensor out = acc.narrow(0, i0, ni).narrow(1, j0, nj);
-        out.addmm_(c.narrow(1, i0, ni).t(), c.narrow(1, j0, nj));
-      }
-    }
+  const int64_t nblocks = d > 256 ? 2 : 1, cb = (d + nblocks - 1) / nblocks;
+  const int64_t rows_max = std::min(kChunk, std::max<int64_t>(B, 1));
+  auto opts = z_in.options().dtype(ct);
+  std::vector<at::Tensor> buf, acc;  // buf[i]: chunk x block i; acc[i*(i+1)/2 + j]: block (i, j)
+  for (int64_t i = 0; i < nblocks; ++i) {
+    const int64_t ni = std::min(cb, d - i * cb);
+    buf.push_back(at::empty({rows_max, ni}, opts));
+    for (int64_t j = 0; j <= i; ++j)
+      acc.push_back(at::zeros({ni, std::min(cb, d - j * cb)}, opts));
   }
-  // Mirror the strictly upper blocks from the lower ones.
-  for (int64_t i0 = 0; i0 < d; i0 += cb) {
-    const int64_t ni = std::min(cb, d - i0);
-    for (int64_t j0 = i0 + cb; j0 < d; j0 += cb) {
-      const int64_t nj = std::min(cb, d - j0);
-      acc.narrow(0, i0, ni).narrow(1, j0, nj).copy_(acc.narrow(0, j0, nj).narrow(1, i0, ni).t());
+  for (int64_t r0 = 0; r0 < B; r0 += kChunk) {
+    const int64_t rows = std::min(kChunk, B - r0);
+    at::Tensor zr = z_in.narrow(0, r0, rows);
+    std::vector<at::Tensor> c(nblocks);
+    for (int64_t i = 0; i < nblocks; ++i) {
+      const int64_t ni = buf[i].size(1);
+      c[i] = buf[i].narrow(0, 0, rows);
+      at::sub_out(c[i], zr.narrow(1, i * cb, ni).to(ct), mean_c.narrow(0, i * cb, ni));
     }
+    for (int64_t i = 0, k = 0; i < nblocks; ++i)
+      for (int64_t j = 0; j <= i; ++j, ++k) acc[k].addmm_(c[i].t(), c[j]);
   }
-  // Diagonal blocks are full squares already (both halves computed by the GEMM).
-  acc.div_(double(B) - correction);
-  return {acc, mean};
+  at::Tensor out = at::empty({d, d}, opts);
+  for (int64_t i = 0, k = 0; i < nblocks; ++i)
+    for (int64_t j = 0; j <= i; ++j, ++k) {
+      const int64_t ni = acc[k].size(0), nj = acc[k].size(1);
+      out.narrow(0, i * cb, ni).narrow(1, j * cb, nj).copy_(acc[k]);
+      if (i != j) out.narrow(0, j * cb, nj).narrow(1, i * cb, ni).copy_(acc[k].t());
+    }
+  out.div_(double(B) - correction);
+  return {out, mean};
 }
 
 // ---- smallest eigenpairs -------------------------------------------------------------------
@@ -80,6 +81,7 @@ struct EigOut {
   int64_t iterations = 0;
   bool converged = false;
   double delta = 0, estimate = 0;
+  bool refactored = false;
 };
 
 // fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
@@ -115,7 +117,8 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
   const int64_t d = a.size(0);
   EigOut out;
   const double max_diag = a.diagonal().max().item<double>();
-  const double floor_abs = std::max(max_diag, 1e-300) * 1e-15 * double(d);
+  const double floor_abs = std::max(max_diag, 1e-300) * 1e-14 * double(d);
+  const bool reused = factor.defined();
   if (!factor.defined()) {
     if (!preconditioner_factor(a, max_diag, &factor, &delta)) return out;  // not converged
   }
@@ -136,6 +139,8 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
   AV.narrow(1, 0, m).copy_(at::mm(a, start));
   std::vector<double> theta;
   at::Tensor X, AX;
+  double first_estimate = INFINITY;
+  constexpr int64_t kStaleCheck = 4;
   for (int64_t it = 0;; ++it) {
     at::Tensor Vm = V.narrow(1, 0, m), AVm = AV.narrow(1, 0, m);
     at::Tensor H = at::mm(Vm.t(), AVm);
@@ -156,6 +161,16 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
                                                            tol, delta, floor_abs));
     out.iterations = it;
     out.estimate = worst;
+    if (it == 0) first_estimate = worst;
+    if (reused && it == kStaleCheck && !(worst <= 1e-3 * first_estimate) && worst > tol) {
+      // A reused factor that barely helps is stale (the matrix moved by more than its smallest
+      // eigenvalue): build a fresh one and keep the basis built so far.
+      if (preconditioner_factor(a, max_diag, &factor, &delta)) {
+        out.factor = factor;
+        out.delta = delta;
+        out.refactored = true;
+      }
+    }
     if (worst <= tol || m == d) { out.converged = (worst <= tol) || m == d; break; }
     if (it >= max_iter) break;
     if (m + blk > mmax) {  // thick restart on the `keep` lowest Ritz vectors
