@@ -233,8 +233,10 @@ def _solve(a64: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: f
     w, v, f, st = fn(a64, empty if v0 is None else v0, empty if factor is None else factor,
                      float(delta), nev, float(tol), iters)
     converged = bool(st[1] > 0) and w.numel() == nev
-    if not converged and factor is not None:
-        # a reused factor only preconditions: if it was too stale, retry with a fresh one
+    if factor is not None and (not converged or not _factor_fits(f, v[:, 0], float(w[0]),
+                                                                 float(st[2]))):
+        # A reused factor only preconditions, but the stopping test reads its norm: if it no
+        # longer fits this matrix (or did not converge), redo with a fresh factor from here.
         w, v, f, st = fn(a64, v[:, 0].contiguous() if w.numel() else
                          (empty if v0 is None else v0), empty, 0.0, nev, float(tol), iters)
         converged = bool(st[1] > 0) and w.numel() == nev
@@ -252,6 +254,16 @@ def _solve(a64: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: f
         if w.numel() < nev:  # no preconditioner could be built: nothing to return but eigh
             w, v = _dense_smallest(a64, nev)
     return w, v, (f if f.numel() else zeros), torch.cat([st.cpu(), st.new_zeros(1).cpu()])
+
+
+def _factor_fits(factor: Tensor, x: Tensor, theta: float, delta: float) -> bool:
+    """Does T = (L L^T)^-1 act like (A + delta I)^-1 on the Ritz vector x of A? The error bound of
+    the stopping test uses r^T T r, valid only while it does. A factor reused from a matrix that
+    moved by more than ~lambda_min fails this (x^T T x off by > 25%): it must be rebuilt."""
+    x32 = x.to(torch.float32).reshape(-1, 1)
+    tx = torch.cholesky_solve(x32, factor)
+    ratio = float((x32 * tx).sum()) * (theta + delta) / max(float((x32 * x32).sum()), 1e-300)
+    return 0.8 <= ratio <= 1.25
 
 
 def _no_alias(out: Tensor, given: Optional[Tensor]) -> Tensor:

@@ -82,6 +82,15 @@ def test_warm_start_and_factor_reuse():
     value, vector, warm = smallest_eigenvalue(b, v0=v, factor=info, return_info=True)
     check(b, value, vector)
     assert warm.converged and warm.iterations < info.iterations
+    # a factor from a matrix that moved by 50 lambda_min (here even to indefinite) no longer
+    # bounds the error: without the check the value came out 1.9e-3 off; it is rebuilt instead
+    lam = float(torch.linalg.eigvalsh(a)[0])
+    e = torch.randn(300, 300, dtype=torch.float64)
+    e = (e + e.T) / torch.linalg.matrix_norm(e + e.T, 2)
+    far = a + 50 * lam * e
+    value, _ = smallest_eigenvalue(far, v0=v, factor=info)
+    ref = float(torch.linalg.eigvalsh(far)[0])
+    assert abs(float(value) - ref) <= 1e-4 * abs(ref)
     # a bare factor tensor (shift re-derived) works too, and a bad one is only slower
     check(b, *smallest_eigenvalue(b, factor=info.factor))
     with warnings.catch_warnings():
