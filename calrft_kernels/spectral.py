@@ -401,12 +401,16 @@ def _soft_min(values: Tensor, temperature: float) -> Tensor:
     return -t * torch.logsumexp(-values / t, 0) + t * math.log(values.numel())
 
 
+def _finish_value(value: Tensor, eps: float, root: bool) -> Tensor:
+    return torch.sqrt((value + eps).clamp_min(0.0)) if root else value + eps
+
+
 def covariance_sigma_min(z: Tensor, *, v0: Optional[Tensor] = None, tol: float = 1e-6,
                          eps: float = 0.0, return_vector: bool = False, correction: float = 1,
                          softmin_k: int = 1, softmin_temperature: float = 0.1,
                          rank_deficient: str = "warn", factor: Optional[Tensor] = None,
                          max_iter: Optional[int] = None, return_info: bool = False,
-                         accumulate: str = "fp64", backend: str = "auto"):
+                         accumulate: str = "fp64", root: bool = False, backend: str = "auto"):
     """sigma_min (= lambda_min) of batch_covariance(z, correction) + eps, differentiable in z.
 
     Backward: 2/(B-c) * Zc v v^T * grad, O(B d); only z, the mean and v are kept.
@@ -420,9 +424,14 @@ def covariance_sigma_min(z: Tensor, *, v0: Optional[Tensor] = None, tol: float =
     accumulate: "fp64" (default) forms Sigma in fp64 (chunk-wise, no fp64 copy of z on CPU):
     needed for a 1e-4-accurate lambda_min when Sigma is ill-conditioned; "fp32" is about twice
     as fast and as accurate as fp32 eigvalsh (errors 1e-5..1e-3 at condition numbers 1e4..1e6).
+    root=True returns sqrt(lambda_min + eps) instead: the smallest singular value of the centred
+    features / sqrt(B - correction); its derivative is bounded by 1 / (2 sqrt(eps)) where
+    sqrt(lambda) alone has an unbounded one at 0 (so use eps > 0 with root=True).
     Returns value (z's dtype), or (value, vector) with return_vector, (+ EigenInfo) with
     return_info."""
     _check_tensor("z", z)
+    if not isinstance(root, bool):
+        raise TypeError(f"root must be a bool, got {type(root).__name__}")
     _check_tol(tol, max_iter)
     correction = _check_correction(correction, z.shape[0])
     if not isinstance(eps, (int, float)) or eps < 0:
@@ -443,7 +452,7 @@ def covariance_sigma_min(z: Tensor, *, v0: Optional[Tensor] = None, tol: float =
             raise ValueError(msg)
         warnings.warn(msg + "; returning eps with zero gradient", RuntimeWarning, stacklevel=2)
         _check_finite("z", z)
-        value = (z * 0).sum() + eps  # zero gradient, keeps the graph connected
+        value = _finish_value((z * 0).sum(), eps, root)  # zero gradient, graph stays connected
         vec = z.new_zeros(d)
         out = (value, vec) if return_vector else value
         return out
@@ -451,7 +460,7 @@ def covariance_sigma_min(z: Tensor, *, v0: Optional[Tensor] = None, tol: float =
     w, v, _, f, st = _cov_eig_op(z, v0, factor, delta, softmin_k, float(tol), max_iter or 0,
                                  correction, backend, fp64)
     value = w[0] if softmin_k == 1 else _soft_min(w, softmin_temperature)
-    value = (value + eps).to(z.dtype)
+    value = _finish_value(value, eps, root).to(z.dtype)
     vector = v[:, 0].to(z.dtype)
     result = (value, vector) if return_vector else (value,)
     if return_info:
