@@ -221,6 +221,9 @@ def test_gpu_loss_section_bookkeeping():
                                              for d in section.TIMED_D}
     assert {dt for _, _, dt in cases} == {"bf16", "fp32"}
     assert {b for b, _, _ in section.timed_cases({"CALRFT_LOSS_SIZES": "128,256"})} == {128, 256}
+    assert len(section.check_precisions({})) == 3
+    assert [p[0] for p in section.check_precisions({"CALRFT_LOSS_QUICK": "1"})] == [
+        "fp32-tf32", "bf16"]
     if not torch.cuda.is_available():
         rows = section.run()
         assert len(rows) == 1 and rows[0]["check"].startswith("UNRUN")

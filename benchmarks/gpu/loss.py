@@ -15,7 +15,7 @@ Imports without a GPU (torch / triton are imported inside functions). Written fo
 triton 3.6 on an H200: only long-standing APIs.
 
 Environment knobs: CALRFT_LOSS_SIZES="4096,16384" restricts the timed batch sizes,
-CALRFT_LOSS_QUICK=1 times only B=4096 and 16384.
+CALRFT_LOSS_QUICK=1 times only B=4096 and 16384 and skips the fp32-ieee checks.
 """
 from __future__ import annotations
 
@@ -98,6 +98,15 @@ def _max_rel(got, want):
     return float((got.double() - want).abs().max() / (want.abs().max() + 1e-30))
 
 
+def check_precisions(env=None):
+    """(name, dtype, allow_tf32) checked; CALRFT_LOSS_QUICK=1 drops fp32-ieee (fewer compiles)."""
+    import torch
+    env = os.environ if env is None else env
+    all_ = [("fp32-tf32", torch.float32, True), ("fp32-ieee", torch.float32, False),
+            ("bf16", torch.bfloat16, True)]
+    return [p for p in all_ if not (env.get("CALRFT_LOSS_QUICK") == "1" and p[0] == "fp32-ieee")]
+
+
 def check_configs(device="cuda"):
     """Every forward / backward config at CHECK_SIZES, fp32 (tf32 and ieee) and bf16, with and
     without a teacher, against the float64 reference on the same rounded inputs."""
@@ -109,9 +118,7 @@ def check_configs(device="cuda"):
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for (m, n, d) in CHECK_SIZES:
-        for dtype_name, dtype, tf32 in (("fp32-tf32", torch.float32, True),
-                                        ("fp32-ieee", torch.float32, False),
-                                        ("bf16", torch.bfloat16, True)):
+        for dtype_name, dtype, tf32 in check_precisions():
             for teacher in (False, True):
                 q = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1)
                 k = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
