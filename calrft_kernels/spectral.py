@@ -173,8 +173,9 @@ def _check_correction(correction, rows: int) -> float:
 def batch_covariance(z: Tensor, correction: float = 1, *, backend: str = "auto") -> Tensor:
     """Centred covariance of the rows of z [B, d]: (z - mean)^T (z - mean) / (B - correction).
 
-    Two-pass quality (the mean is taken first, in fp64, and subtracted inside the product), so a
-    feature mean far larger than the spread costs no accuracy. Accumulates in fp32 (fp64 for
+    Two-pass quality (the rows are centred inside the product on a first-pass mean, whose own
+    rounding is removed exactly afterwards), so a feature mean far larger than the spread costs
+    no accuracy. Accumulates in fp32 (fp64 for
     fp64 input); returns z's dtype; differentiable."""
     _check_tensor("z", z)
     correction = _check_correction(correction, z.shape[0])
