@@ -1,6 +1,6 @@
 """CPU benchmark of the spectral ops against the goals of the spectral issue.
 
-    PYTHONPATH=. python benchmarks/bench_spectral.py [--repeats 9] [--quick] [--plot PATH]
+    PYTHONPATH=. python benchmarks/bench_spectral.py [--repeats 9] [--quick] [--threads N] [--plot PATH]
 
 Timings are medians of interleaved repeats (every contender runs once per round, so machine
 load hits all of them alike); every figure is reported as a ratio within this one run."""
@@ -141,7 +141,11 @@ def main():
     p.add_argument("--quick", action="store_true", help="d=512 only, small covariance")
     p.add_argument("--plot", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every contender (default: torch's own)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, record = [], {"threads": torch.get_num_threads(), "torch": torch.__version__}
     dims = (512,) if args.quick else (512, 1024)

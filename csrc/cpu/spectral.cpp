@@ -8,6 +8,7 @@
 //   jacobi_eigh_cpu       the shared small eigensolver of common/spectral_math.h (for tests).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -39,8 +40,17 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double
   constexpr int64_t kChunk = 8192;
   const int64_t B = z_in.size(0), d = z_in.size(1);
   const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
-  at::Tensor mean = z_in.sum(0, /*keepdim=*/false, at::kDouble).div_(double(std::max<int64_t>(B, 1)));
+  // fp32 compute: the first-pass mean is a plain fp32 sum (z.sum(0, fp64) converts every entry:
+  // 190 ms vs 24 ms at B = 65536, d = 512) and may be off by ~1e-7 |mean|. The rows are centred
+  // on that shift s; the centred chunks' column sums give e = mean - s exactly enough (they are
+  // small numbers), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T, in fp64.
+  const bool shifted = ct == at::kFloat && z_in.scalar_type() == at::kFloat;
+  at::Tensor mean = shifted
+      ? z_in.sum(0).to(at::kDouble).div_(double(std::max<int64_t>(B, 1)))
+      : z_in.sum(0, /*keepdim=*/false, at::kDouble).div_(double(std::max<int64_t>(B, 1)));
   at::Tensor mean_c = mean.to(ct);
+  if (shifted) mean = mean_c.to(at::kDouble);  // the shift actually subtracted
+  at::Tensor residual_sum = at::zeros({d}, z_in.options().dtype(at::kDouble));
   const int64_t nblocks = d > 256 ? 2 : 1, cb = (d + nblocks - 1) / nblocks;
   const int64_t rows_max = std::min(kChunk, std::max<int64_t>(B, 1));
   auto opts = z_in.options().dtype(ct);
@@ -59,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double
       const int64_t ni = buf[i].size(1);
       c[i] = buf[i].narrow(0, 0, rows);
       at::sub_out(c[i], zr.narrow(1, i * cb, ni).to(ct), mean_c.narrow(0, i * cb, ni));
+      if (shifted) residual_sum.narrow(0, i * cb, ni).add_(c[i].sum(0).to(at::kDouble));
     }
     for (int64_t i = 0, k = 0; i < nblocks; ++i)
       for (int64_t j = 0; j <= i; ++j, ++k) acc[k].addmm_(c[i].t(), c[j]);
@@ -70,6 +81,11 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double
       out.narrow(0, i * cb, ni).narrow(1, j * cb, nj).copy_(acc[k]);
       if (i != j) out.narrow(0, j * cb, nj).narrow(1, i * cb, ni).copy_(acc[k].t());
     }
+  if (shifted && B > 0) {
+    at::Tensor e = residual_sum / double(B);
+    out.sub_((at::outer(e, e) * double(B)).to(ct));
+    mean = mean + e;
+  }
   out.div_(double(B) - correction);
   return {out, mean};
 }
@@ -85,7 +101,7 @@ struct EigOut {
 };
 
 // fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
-bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* factor, double* delta) {
+bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor* factor, double* delta) {
   at::Tensor a32 = a.to(at::kFloat);
   double shift = sm::initial_shift(max_diag);
   for (int attempt = 0; attempt < 8; ++attempt, shift *= 10.0) {
@@ -119,6 +135,32 @@ at::Tensor precondition(const at::Tensor& factor, const at::Tensor& r) {
   return at::linalg_solve_triangular(factor.t(), y, /*upper=*/true).to(at::kDouble);
 }
 
+// Runs the Davidson solve on one thread. Every step is ~15 small BLAS/LAPACK calls (d x 8
+// blocks, a 48 x 48 eigh); with 2 threads each forks and joins a team, and on a shared host a
+// join waits for a descheduled thread. Measured here (2 cores, load 7, d = 512): a solve took
+// 110 ms with 2 threads, 39 ms with 1; the fp32 Cholesky alone 48 ms with 2 threads, 1.8 ms
+// with 1. Only a large factorisation (d > kThreadedFactorMinDim) gets the caller's threads back.
+constexpr int64_t kThreadedFactorMinDim = 2048;
+
+class SingleThreadScope {
+ public:
+  SingleThreadScope() : saved_(at::get_num_threads()) { if (saved_ > 1) at::set_num_threads(1); }
+  ~SingleThreadScope() { if (saved_ > 1) at::set_num_threads(saved_); }
+  int saved() const { return saved_; }
+ private:
+  int saved_;
+};
+
+// The factorisation, with the caller's threads `threads` only when d is large enough to gain.
+bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* factor,
+                           double* delta, int threads) {
+  const bool threaded = threads > 1 && a.size(0) > kThreadedFactorMinDim;
+  if (threaded) at::set_num_threads(threads);
+  const bool ok = preconditioner_factor_impl(a, max_diag, factor, delta);
+  if (threaded) at::set_num_threads(1);
+  return ok;
+}
+
 EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, double delta,
                 int64_t nev, double tol, int64_t max_iter) {
   const int64_t d = a.size(0);
@@ -126,8 +168,10 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
   const double max_diag = a.diagonal().max().item<double>();
   const double floor_abs = std::max(max_diag, 1e-300) * 1e-14 * double(d);
   const bool reused = factor.defined();
+  SingleThreadScope one_thread;
   if (!factor.defined()) {
-    if (!preconditioner_factor(a, max_diag, &factor, &delta)) return out;  // not converged
+    if (!preconditioner_factor(a, max_diag, &factor, &delta, one_thread.saved()))
+      return out;  // not converged
   }
   out.factor = factor;
   out.delta = delta;
@@ -172,7 +216,7 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
     if (reused && it == kStaleCheck && !(worst <= 1e-3 * first_estimate) && worst > tol) {
       // A reused factor that barely helps is stale (the matrix moved by more than its smallest
       // eigenvalue): build a fresh one and keep the basis built so far.
-      if (preconditioner_factor(a, max_diag, &factor, &delta)) {
+      if (preconditioner_factor(a, max_diag, &factor, &delta, one_thread.saved())) {
         out.factor = factor;
         out.delta = delta;
         out.refactored = true;
@@ -221,6 +265,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   return {r.values, r.vectors, r.factor, stats};
 }
 
+// (A + A^T) / 2 in fp64, one thread, 32 x 32 tiles. The ATen expression (a + a.T) * 0.5 reads
+// one operand transposed and split over 2 threads took 20 ms at d = 512 on the loaded host.
+at::Tensor symmetrize_cpu(const at::Tensor& a_in) {
+  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
+  at::Tensor a = a_in.to(at::kDouble).contiguous();
+  const int64_t n = a.size(0);
+  constexpr int64_t kTile = 32;
+  at::Tensor out = at::empty_like(a);
+  const double* pa = a.data_ptr<double>();
+  double* po = out.data_ptr<double>();
+  for (int64_t i0 = 0; i0 < n; i0 += kTile)
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile)
+      for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
+        for (int64_t j = j0; j < std::min({n, j0 + kTile, i + 1}); ++j) {
+          const double v = 0.5 * (pa[i * n + j] + pa[j * n + i]);
+          po[i * n + j] = v;
+          po[j * n + i] = v;
+        }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& a_in) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
   const int n = int(a_in.size(0));
@@ -257,6 +322,7 @@ void register_spectral_cpu(pybind11::module_& m) {
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
         pybind11::arg("delta"), pybind11::arg("nev"), pybind11::arg("tol"),
         pybind11::arg("max_iter"));
+  m.def("symmetrize_cpu", &symmetrize_cpu, "(A + A^T) / 2 in fp64, single-threaded");
   m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
   m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
 }
