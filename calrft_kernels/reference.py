@@ -69,3 +69,22 @@ def contrastive_loss_reference(image_features: Tensor, text_features: Tensor, lo
         col_sd = -(p_col * torch.log_softmax(logits.T, 1)).sum(1)[sl]
         loss = loss + distill_weight * (row_sd.mean() + col_sd.mean())
     return loss
+
+
+def contrastive_stats_backward_reference(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor,
+                                         scale: Tensor, bias: Tensor, tq=None, tk=None,
+                                         tscale=None, row_stats=None, col_stats=None,
+                                         with_cols: bool = True):
+    """(dS k, dS^T q) of the kernel contract from the materialised softmax matrices:
+    dS = g0 softmax_row(S) + g2 softmax_row(T) + h0 softmax_col(S) + h2 softmax_col(T).
+    Teacher statistics (index 1) get no gradient, as in the kernels."""
+    s = scale * (q @ k.T) + bias
+    ds = grad_row[0][:, None] * torch.softmax(s, 1)
+    if with_cols:
+        ds = ds + grad_col[0][None, :] * torch.softmax(s, 0)
+    if tq is not None:
+        t = tscale * (tq @ tk.T)
+        ds = ds + grad_row[2][:, None] * torch.softmax(t, 1)
+        if with_cols:
+            ds = ds + grad_col[2][None, :] * torch.softmax(t, 0)
+    return ds @ k, ds.T @ q

@@ -1,0 +1,9 @@
+"""calrft-kernels: fused kernels for calibrated robust fine-tuning (CaRot) of CLIP models.
+
+The public API of ../shared/spec/api.md; every op takes CPU or CUDA tensors and picks its backend
+by dispatch (backend="auto": Triton on CUDA, the C++ kernels on CPU)."""
+from .contrastive import contrastive_loss
+from .losses import CaRotLoss, ClipLoss
+
+__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss"]
+__version__ = "0.1.0"

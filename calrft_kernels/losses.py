@@ -1,0 +1,149 @@
+"""nn.Module losses: ClipLoss (drop-in for open_clip.loss.ClipLoss) and CaRotLoss (the whole
+per-step CaRot objective). Both compose the package's ops; neither computes a kernel itself."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .contrastive import (_contrastive_terms, _prepare, _reference_terms, _terms_over_group,
+                          contrastive_terms)
+from .distributed import gather_no_grad, gather_with_grad, world
+
+
+class ClipLoss(nn.Module):
+    """open_clip.loss.ClipLoss with the same constructor, forward and outputs, computed by the
+    fused contrastive kernels (no B x B logits).
+
+    With world_size > 1 it follows open_clip's four gather modes on the default process group:
+    local_loss=True, gather_with_grad=True is contrastive_loss(process_group=...) (each rank: its
+    rows against the global batch); the other modes reproduce open_clip's gradient paths.
+    cache_labels is accepted for compatibility (there are no label tensors to cache)."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: launch with torchrun "
+                             "(torch.distributed) instead")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        prepared = _prepare(image_features, text_features, logit_scale, logit_bias, None, 0.0,
+                            None, None, None, 0.0, self.backend)
+        image, text, scale, bias, _, _, _, _, backend = prepared
+        if self.world_size > 1:
+            terms = self._distributed_terms(image, text, scale, bias, backend)
+        else:
+            terms = _terms_over_group(image, text, scale, bias, None, 0.0, None, None, backend)
+        loss = terms["contrastive"].to(image.dtype)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_terms(self, image, text, scale, bias, backend) -> dict:
+        group = dist.group.WORLD
+        if self.gather_with_grad and self.local_loss:
+            return _terms_over_group(image, text, scale, bias, None, 0.0, None, group, backend)
+        rank, _ = world(group)
+        n = image.shape[0]
+        if self.gather_with_grad:
+            image_all, text_all = gather_with_grad(image, group), gather_with_grad(text, group)
+        else:
+            image_all, text_all = gather_no_grad(image, group), gather_no_grad(text, group)
+            if not self.local_loss:  # open_clip splices the local rows back in with their grads
+                image_all = torch.cat([image_all[:rank * n], image, image_all[(rank + 1) * n:]])
+                text_all = torch.cat([text_all[:rank * n], text, text_all[(rank + 1) * n:]])
+        if self.local_loss:
+            local_image, local_text, offset = image, text, rank * n
+        else:  # every rank computes the loss of the whole global batch
+            local_image, local_text, offset = image_all, text_all, 0
+        compute = _reference_terms if backend == "reference" else _contrastive_terms
+        extra = () if backend == "reference" else (backend,)
+        return compute(local_image, local_text, image_all, text_all, offset, scale, bias, None,
+                       0.0, None, *extra)
+
+
+class CaRotLoss(nn.Module):
+    """The per-step CaRot objective (objective.md):
+
+        L = MCL + cross_weight ||W_v W_t^T||_F + orth_weight ||W_v^T W_v - I||_F
+              + distill_weight SD - sigma_min_weight * sigma_min(Cov(sigma_min_features))
+
+    MCL and SD come from one fused contrastive pass; SD is skipped while no teacher is given
+    (CaRot starts distillation after step 0). The optional last term is a direct regulariser of
+    the smallest singular value of the batch feature covariance (rewarding a larger sigma_min),
+    the route the paper found too heavy without a fused op. output_dict=True returns every term
+    ("contrastive", "distillation", "orthogonality", "cross", "sigma_min", "total")."""
+
+    def __init__(self, distill_weight: float = 1.5, orth_weight: float = 0.2,
+                 cross_weight: float = 0.05, sigma_min_weight: float = 0.0, *,
+                 label_smoothing: float = 0.0, sigma_min_eps: float = 1e-6,
+                 process_group=None, backend: str = "auto"):
+        super().__init__()
+        for name, value in (("distill_weight", distill_weight), ("orth_weight", orth_weight),
+                            ("cross_weight", cross_weight),
+                            ("sigma_min_weight", sigma_min_weight)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+        self.distill_weight = float(distill_weight)
+        self.orth_weight = float(orth_weight)
+        self.cross_weight = float(cross_weight)
+        self.sigma_min_weight = float(sigma_min_weight)
+        self.label_smoothing = label_smoothing
+        self.sigma_min_eps = sigma_min_eps
+        self.process_group = process_group
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, *,
+                visual_proj: Tensor, text_proj: Tensor,
+                teacher_image_features: Optional[Tensor] = None,
+                teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
+                labels: Optional[Tensor] = None, logit_bias=None,
+                sigma_min_features: Optional[Tensor] = None, output_dict: bool = False):
+        from .spectral import covariance_sigma_min, orthogonality_loss
+        _check_projection("visual_proj", visual_proj)
+        _check_projection("text_proj", text_proj)
+        if visual_proj.shape[1] != text_proj.shape[1]:
+            raise ValueError(f"visual_proj and text_proj must map to the same embedding width, "
+                             f"got {tuple(visual_proj.shape)} and {tuple(text_proj.shape)}")
+        distill = self.distill_weight > 0 and teacher_image_features is not None
+        terms = contrastive_terms(
+            image_features, text_features, logit_scale, logit_bias, labels=labels,
+            label_smoothing=self.label_smoothing,
+            teacher_image_features=teacher_image_features if distill else None,
+            teacher_text_features=teacher_text_features if distill else None,
+            teacher_logit_scale=teacher_logit_scale if distill else None, distill=distill,
+            process_group=self.process_group, backend=self.backend)
+        zero = terms["contrastive"].new_zeros(())
+        out = {"contrastive": terms["contrastive"],
+               "distillation": terms["distillation"] if distill else zero,
+               "orthogonality": orthogonality_loss(visual_proj).to(zero.dtype),
+               # ||W_v W_t^T||_F: a small [vision_width, text_width] product, not a kernel
+               "cross": torch.linalg.matrix_norm(visual_proj @ text_proj.T).to(zero.dtype)}
+        if self.sigma_min_weight > 0:
+            feats = image_features if sigma_min_features is None else sigma_min_features
+            out["sigma_min"] = covariance_sigma_min(feats, eps=self.sigma_min_eps).to(zero.dtype)
+        else:
+            out["sigma_min"] = zero
+        out["total"] = (out["contrastive"] + self.distill_weight * out["distillation"]
+                        + self.orth_weight * out["orthogonality"]
+                        + self.cross_weight * out["cross"]
+                        - self.sigma_min_weight * out["sigma_min"])
+        out = {k: v.to(image_features.dtype) for k, v in out.items()}
+        return out if output_dict else out["total"]
+
+
+def _check_projection(name: str, w) -> None:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [width, embed_dim], got shape {tuple(w.shape)}")

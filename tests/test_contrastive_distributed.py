@@ -1,0 +1,132 @@
+"""Two gloo processes on CPU: contrastive_loss(process_group=...) and ClipLoss against the
+single-process loss on the concatenated batch, and against open_clip's own distributed ClipLoss."""
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from calrft_kernels import ClipLoss, contrastive_loss
+
+WORLD = 2
+B_LOCAL, DIM = 5, 6
+
+
+def global_batch(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1234)
+    unit = lambda: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(WORLD * B_LOCAL, DIM, generator=gen, dtype=dtype), dim=1)
+    return {"image": unit(), "text": unit(), "t_image": unit(), "t_text": unit(),
+            "labels": torch.randint(0, 3, (WORLD * B_LOCAL,), generator=gen)}
+
+
+OPTIONS = {
+    "plain": {},
+    "all": {"labels": True, "label_smoothing": 0.1, "distill_weight": 1.5, "bias": -0.7},
+}
+
+
+def loss_kwargs(batch, rows, option):
+    opt = OPTIONS[option]
+    kw = {"label_smoothing": opt.get("label_smoothing", 0.0)}
+    if opt.get("labels"):
+        kw["labels"] = batch["labels"][rows]
+    if opt.get("distill_weight"):
+        kw.update(teacher_image_features=batch["t_image"][rows],
+                  teacher_text_features=batch["t_text"][rows], teacher_logit_scale=4.0,
+                  distill_weight=opt["distill_weight"])
+    return kw
+
+
+def run_loss(batch, rows, option, backend, group=None):
+    image = batch["image"][rows].clone().requires_grad_()
+    text = batch["text"][rows].clone().requires_grad_()
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    bias = OPTIONS[option].get("bias")
+    bias_t = None if bias is None else torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(image, text, scale, bias_t, **loss_kwargs(batch, rows, option),
+                            process_group=group, backend=backend)
+    loss.backward()
+    grads = [image.grad, text.grad, scale.grad] + ([] if bias_t is None else [bias_t.grad])
+    return loss.detach(), grads
+
+
+def _worker(rank, init_file, option, backend, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        batch = global_batch()
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        loss, grads = run_loss(batch, rows, option, backend, dist.group.WORLD)
+        clip = _clip_loss_modes(batch, rows, rank)
+        queue.put((rank, loss, grads, clip))
+    except Exception:  # report instead of leaving the parent waiting
+        queue.put((rank, traceback.format_exc(), None, None))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _clip_loss_modes(batch, rows, rank):
+    """Our ClipLoss vs open_clip's, on this rank, in each of open_clip's gather modes."""
+    import open_clip
+    out = {}
+    for local_loss in (False, True):
+        for gather_with_grad in (False, True):
+            results = []
+            for cls in (ClipLoss, open_clip.loss.ClipLoss):
+                image = batch["image"][rows].clone().requires_grad_()
+                text = batch["text"][rows].clone().requires_grad_()
+                scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+                module = cls(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                             rank=rank, world_size=WORLD)
+                loss = module(image, text, scale)
+                loss.backward()
+                results.append((loss.detach(), image.grad, text.grad, scale.grad))
+            out[(local_loss, gather_with_grad)] = results
+    return out
+
+
+def spawn(tmp_path, option, backend):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_file = os.path.join(tmp_path, "dist_init")
+    procs = [ctx.Process(target=_worker, args=(r, init_file, option, backend, queue))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (queue.get(timeout=300) for _ in procs))
+    for rank, (first, *_) in results.items():
+        assert not isinstance(first, str), f"rank {rank} failed:\n{first}"
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_two_gloo_ranks_match_single_process(tmp_path, option, backend):
+    results = spawn(str(tmp_path), option, backend)
+    batch = global_batch()
+    single_loss, single_grads = run_loss(batch, slice(None), option, "reference")
+    # api.md: the mean of the rank losses is the single-process loss ...
+    mean_loss = sum(results[r][0] for r in range(WORLD)) / WORLD
+    torch.testing.assert_close(mean_loss, single_loss, rtol=1e-10, atol=1e-12)
+    # ... and after DDP's averaging the gradients equal the single-process ones: each rank's
+    # feature gradient is WORLD x the single-process gradient of its rows (DDP divides by WORLD),
+    # scalar gradients average over ranks.
+    for r in range(WORLD):
+        rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
+        for got, want in zip(results[r][1][:2], single_grads[:2]):
+            torch.testing.assert_close(got / WORLD, want[rows], rtol=1e-9, atol=1e-12)
+    for i in range(2, len(single_grads)):
+        avg = sum(results[r][1][i] for r in range(WORLD)) / WORLD
+        torch.testing.assert_close(avg, single_grads[i], rtol=1e-9, atol=1e-12)
+    # ClipLoss in every open_clip gather mode equals open_clip's own, value and gradients
+    for r in range(WORLD):
+        for mode, (ours, theirs) in results[r][2].items():
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{mode}: {m}")
