@@ -78,10 +78,10 @@ class CaRotLoss(torch.nn.Module):
         oc = torch.linalg.matrix_norm(wv.T @ wv - torch.eye(wv.shape[1], dtype=wv.dtype))
         cf = torch.linalg.matrix_norm(wv @ text_proj.T) if self.w[2] else 0 * oc
         total = c + self.w[1] * oc + self.w[2] * cf
-        out = {"contrastive": c, "orthogonality": oc, "cross": cf, "loss": total}
+        out = {"contrastive": c, "orthogonality": oc, "cross": cf, "total": total}
         if self.w[3]:
             sm = covariance_sigma_min(i.float())
             out["sigma_min"] = sm
             total = total - self.w[3] * sm
-            out["loss"] = total
+            out["total"] = total
         return out if output_dict else total

@@ -23,9 +23,9 @@ log = logging.getLogger("calrft.demo")
 # Fine-tuning settings for the tiny model on digits. The schedule keeps the paper's proportions:
 # warm-up and EMA-update interval are each 2% of all steps (500 of ~25k in the paper).
 PROFILES = {
-    "quick": dict(steps=150, batch_size=128, lr=1e-4, pretrain_steps=800,
+    "quick": dict(steps=80, batch_size=128, lr=1e-4, pretrain_steps=400,
                   alphas=(0.0, 0.5, 1.0)),
-    "full": dict(steps=500, batch_size=128, lr=1e-4, pretrain_steps=800,
+    "full": dict(steps=240, batch_size=128, lr=1e-4, pretrain_steps=400,
                  alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)),
 }
 METHODS = ("flyp", "carot")
@@ -43,8 +43,9 @@ def finetune_config(profile: dict, method: str, seed: int, out: Path, **override
     return cfg
 
 
-def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=True, **overrides) -> dict:
-    profile = PROFILES["quick" if quick else "full"]
+def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=True, profile=None,
+             **overrides) -> dict:
+    profile = profile or PROFILES["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.time()
@@ -126,12 +127,12 @@ def aggregate_table(agg: dict) -> str:
     return "\n".join(lines)
 
 
-def run(out, seeds=(0,), quick=False, cache=None, wise=True, progress=True, **overrides) -> dict:
+def run(out, seeds=(0,), quick=False, cache=None, wise=True, progress=True, profile=None, **overrides) -> dict:
     out = Path(out)
     docs = []
     for seed in seeds:
         seed_out = out if len(seeds) == 1 else out / f"seed{seed}"
-        docs.append(run_seed(seed_out, seed, quick, cache, wise, progress, **overrides))
+        docs.append(run_seed(seed_out, seed, quick, cache, wise, progress, profile, **overrides))
         print(f"\nseed {seed}:\n" + report.table(docs[-1]["methods"]))
     if len(seeds) > 1:
         agg = aggregate(docs)

@@ -148,7 +148,7 @@ def build_benchmark(seed: int = 0):
 
 # ---- pretraining the zero-shot model ----
 
-PRETRAIN_DEFAULTS = dict(steps=800, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=100,
+PRETRAIN_DEFAULTS = dict(steps=400, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=50,
                          caption_noise=0.3, clean_fraction=0.3)
 
 

@@ -216,8 +216,8 @@ class Trainer:
         out = self.loss_fn(img, txt, scale, visual_proj=models.visual_projection(self.clip),
                            text_proj=models.text_projection(self.clip), labels=targets,
                            output_dict=True, **teacher)
-        terms = {k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
-        return out["loss"], terms
+        terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+        return out["total"], terms
 
     def train_step(self, batch) -> dict:
         self.student.train()

@@ -1,0 +1,151 @@
+"""Training-step time and peak memory of CaRot fine-tuning with the tiny model on this CPU:
+our fused CaRotLoss vs a naive open_clip-style CaRot loss (materialised B x B logits, teacher
+soft targets), split into student forward/backward, teacher forward and loss.
+
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_train_step.py --batches 256,1024,4096
+
+Timing: both losses run interleaved in one process, medians over --reps steps. Peak memory: each
+(loss, batch) runs a few steps in its own subprocess and reports the growth of peak RSS over the
+RSS after model set-up (CPU tensors are invisible to tracemalloc/CUDA counters)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from calrft import ema, models  # noqa: E402
+from calrft.ops import CaRotLoss  # noqa: E402
+
+
+def naive_carot_loss(img, txt, scale, *, visual_proj, text_proj, teacher_image_features,
+                     teacher_text_features, teacher_logit_scale, distill_weight=1.5, orth_weight=0.2,
+                     cross_weight=0.05):
+    """The official code's structure: logits materialised, CE both ways, teacher soft targets
+    materialised, soft CE both ways, plus the two projection terms (log_softmax, not log(softmax))."""
+    logits = scale * img @ txt.T
+    target = torch.arange(img.shape[0])
+    mcl = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    with torch.no_grad():
+        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+        p_row, p_col = t.softmax(1), t.T.softmax(1)
+    sd = (-(p_row * logits.log_softmax(1)).sum(1).mean() - (p_col * logits.T.log_softmax(1)).sum(1).mean())
+    eye = torch.eye(visual_proj.shape[1])
+    oc = torch.linalg.matrix_norm(visual_proj.T @ visual_proj - eye)
+    cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)
+    return mcl + distill_weight * sd + orth_weight * oc + cross_weight * cf
+
+
+def make_batch(batch, tokenizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=g)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    texts = tokenizer([f"a photo of the digit {words[i % 10]}." for i in range(batch)])
+    return images, texts
+
+
+def step(model, teacher, opt, loss_fn, images, texts):
+    """One training step; returns seconds of (student fwd+bwd, teacher fwd, loss fwd+bwd, total)."""
+    t0 = time.perf_counter()
+    img, txt, scale = model(images, texts)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        t_img, t_txt, t_scale = teacher(images, texts)
+    t2 = time.perf_counter()
+    # the loss runs on detached leaves so its backward is timed apart from the model's
+    li, lt, ls = (x.detach().requires_grad_() for x in (img, txt, scale))
+    loss = loss_fn(li, lt, ls, visual_proj=model.visual.proj, text_proj=model.text_projection,
+                   teacher_image_features=t_img, teacher_text_features=t_txt, teacher_logit_scale=t_scale)
+    loss.backward()
+    t3 = time.perf_counter()
+    torch.autograd.backward((img, txt, scale), (li.grad, lt.grad, ls.grad))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t4 = time.perf_counter()
+    return {"student": (t1 - t0) + (t4 - t3), "teacher": t2 - t1, "loss": t3 - t2, "total": t4 - t0}
+
+
+def setup(batch):
+    torch.manual_seed(0)
+    model, _, _, tokenizer = models.create(models.TINY)
+    teacher = ema.make_teacher(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    images, texts = make_batch(batch, tokenizer)
+    return model, teacher, opt, images, texts
+
+
+LOSSES = {"fused": CaRotLoss(), "naive": naive_carot_loss}
+
+
+def time_batch(batch, reps):
+    model, teacher, opt, images, texts = setup(batch)
+    rows = {name: [] for name in LOSSES}
+    for name, fn in LOSSES.items():  # warm-up
+        step(model, teacher, opt, fn, images, texts)
+    for _ in range(reps):
+        for name, fn in LOSSES.items():
+            rows[name].append(step(model, teacher, opt, fn, images, texts))
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+
+
+def peak_memory_child(name, batch, steps):
+    model, teacher, opt, images, texts = setup(batch)
+    step(model, teacher, opt, LOSSES["naive" if name == "none" else name], images[:8], texts[:8])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        step(model, teacher, opt, LOSSES[name], images, texts)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_growth_mib": (peak - base) / 1024}))
+
+
+def peak_memory(name, batch, steps=2):
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--batches", str(batch),
+                          "--reps", str(steps)], capture_output=True, text=True, check=True,
+                         env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="256,1024,4096")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        return peak_memory_child(args.child, batches[0], args.reps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, reps={args.reps}")
+    header = ("| batch | loss | step ms | student fwd+bwd ms | teacher fwd ms | loss fwd+bwd ms | "
+              "loss share | peak RSS growth MiB |")
+    print(header + "\n" + "|---" * 8 + "|")
+    rows = []
+    for batch in batches:
+        reps = max(2, args.reps if batch <= 1024 else args.reps // 2)
+        timing = time_batch(batch, reps)
+        for name in LOSSES:
+            t = timing[name]
+            mem = peak_memory(name, batch)
+            row = {"batch": batch, "loss": name, **{k: v * 1e3 for k, v in t.items()},
+                   "loss_share": t["loss"] / t["total"], "peak_rss_growth_mib": mem}
+            rows.append(row)
+            print(f"| {batch} | {name} | {row['total']:.1f} | {row['student']:.1f} | {row['teacher']:.1f} | "
+                  f"{row['loss']:.2f} | {row['loss_share']:.1%} | {mem:.1f} |", flush=True)
+        f, n = timing["fused"], timing["naive"]
+        print(f"|  | naive/fused | {n['total'] / f['total']:.2f}x |  |  | {n['loss'] / f['loss']:.1f}x |  |  |",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
