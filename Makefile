@@ -1,0 +1,29 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+# The virtual environment lives in .venv; the native extension (C++ always, CUDA for sm_90 when
+# nvcc is found) is built by `pip install -e .` (see setup.py for CALRFT_BUILD_CUDA).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.calrft-installed
+SOURCES := setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+
+.PHONY: setup demo test bench
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e . -v > $(VENV)/build.log 2>&1 || (tail -50 $(VENV)/build.log; exit 1)
+	grep '^\[calrft\]' $(VENV)/build.log || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/calrft demo --quick --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_contrastive.py --quick

@@ -1,0 +1,54 @@
+"""ClipLoss is a drop-in for open_clip.loss.ClipLoss: same constructor, forward and outputs."""
+import inspect
+
+import open_clip
+import pytest
+import torch
+
+from calrft_kernels import ClipLoss
+
+
+def features(b, d, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1).to(dtype)
+            .requires_grad_() for _ in range(2)]
+
+
+def test_same_constructor_and_forward_signature():
+    ours, theirs = inspect.signature(ClipLoss.__init__), inspect.signature(open_clip.loss.ClipLoss.__init__)
+    assert list(theirs.parameters) == [p for p in ours.parameters if p != "backend"]
+    assert list(inspect.signature(ClipLoss.forward).parameters) == \
+        list(inspect.signature(open_clip.loss.ClipLoss.forward).parameters)
+
+
+@pytest.mark.parametrize("b,d", [(1, 4), (13, 32), (128, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("output_dict", [False, True])
+def test_matches_open_clip_value_and_gradients(b, d, with_bias, output_dict):
+    results = []
+    for cls in (ClipLoss, open_clip.loss.ClipLoss):
+        image, text = features(b, d, seed=b)
+        scale = torch.tensor(14.3, requires_grad=True)
+        bias = torch.tensor(-2.0, requires_grad=True) if with_bias else None
+        out = cls()(image, text, scale, bias, output_dict=output_dict)
+        loss = out["contrastive_loss"] if output_dict else out
+        assert isinstance(out, dict) == output_dict
+        leaves = [image, text, scale] + ([bias] if with_bias else [])
+        results.append([loss] + list(torch.autograd.grad(loss, leaves)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
+
+
+def test_open_clip_scale_parameter_as_passed_by_models():
+    # open_clip models return logit_scale.exp() of a 0-dim Parameter; half precision features
+    image, text = features(33, 16, dtype=torch.bfloat16)
+    raw = torch.nn.Parameter(torch.tensor(2.659))
+    ours = ClipLoss()(image, text, raw.exp())
+    theirs = open_clip.loss.ClipLoss()(image.double(), text.double(), raw.exp().double())
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-2, atol=1e-2)
+
+
+def test_horovod_is_refused_clearly():
+    with pytest.raises(ValueError, match="use_horovod"):
+        ClipLoss(use_horovod=True)
