@@ -79,12 +79,24 @@ def test_bad_flag_value_is_reported(capsys, tmp_path):
 
 def test_demo_pipeline_on_a_tiny_budget(tmp_path):
     profile = dict(steps=3, batch_size=32, lr=1e-4, pretrain_steps=3, alphas=(0.0, 1.0))
-    doc = demo.run(tmp_path / "demo", seeds=(0, 1), quick=True, cache=str(tmp_path / "cache"),
-                   progress=False, profile=profile)["runs"]
-    for run in doc:
-        assert set(run["methods"]) == {"zeroshot", "flyp", "carot"}
-        assert len(run["methods"]["carot"]["ood"]) == 6  # 5 shifts + avg
-    assert (tmp_path / "demo" / "summary.md").exists()
-    assert (tmp_path / "demo" / "seed0" / "wiseft.png").exists()
-    assert (tmp_path / "demo" / "seed1" / "comparison.png").exists()
-    assert len(list((tmp_path / "cache").glob("digits-pretrained-*.pt"))) == 2
+    run = demo.run(tmp_path / "demo", seeds=(3,), quick=True, cache=str(tmp_path / "cache"),
+                   progress=False, profile=profile)["runs"][0]
+    assert set(run["methods"]) == {"zeroshot", "flyp", "carot"}
+    assert len(run["methods"]["carot"]["ood"]) == 6  # 5 shifts + avg
+    assert [r["alpha"] for r in run["wiseft"]["carot"]] == [0.0, 1.0]
+    # alpha = 0 is the zero-shot model, alpha = 1 the fine-tuned one
+    assert run["wiseft"]["carot"][0]["id"] == pytest.approx(run["methods"]["zeroshot"]["id"])
+    assert run["wiseft"]["carot"][1]["id"] == pytest.approx(run["methods"]["carot"]["id"])
+    for name in ("results.json", "report.md", "wiseft.png", "comparison.png", "reliability_carot.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    assert len(list((tmp_path / "cache").glob("digits-pretrained-s3-*.pt"))) == 1
+
+
+def test_seed_aggregate_mean_and_spread():
+    def doc(acc):
+        m = {"acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5}
+        return {"methods": {"carot": {"id": m, "ood": {"avg": m}, "sigma_min": acc}}}
+    agg = demo.aggregate([doc(0.5), doc(0.7), doc(0.9)])["carot"]
+    assert agg["id_acc"] == pytest.approx((0.7, 0.2))
+    assert agg["ood_avg_ece"] == pytest.approx((0.1, 0.0))
+    assert "0.7000 ± 0.2000" in demo.aggregate_table({"carot": agg})

@@ -188,8 +188,10 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # our loggers at INFO; other libraries' (open_clip logs model set-up at INFO) at WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("calrft").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except ValueError as exc:

@@ -23,9 +23,9 @@ log = logging.getLogger("calrft.demo")
 # Fine-tuning settings for the tiny model on digits. The schedule keeps the paper's proportions:
 # warm-up and EMA-update interval are each 2% of all steps (500 of ~25k in the paper).
 PROFILES = {
-    "quick": dict(steps=80, batch_size=128, lr=1e-4, pretrain_steps=400,
+    "quick": dict(steps=80, batch_size=128, lr=1e-4, pretrain_steps=800,
                   alphas=(0.0, 0.5, 1.0)),
-    "full": dict(steps=240, batch_size=128, lr=1e-4, pretrain_steps=400,
+    "full": dict(steps=240, batch_size=128, lr=1e-4, pretrain_steps=800,
                  alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)),
 }
 METHODS = ("flyp", "carot")

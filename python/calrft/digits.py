@@ -44,7 +44,7 @@ STYLE_TEMPLATES = {
     "colour": ("a painting of a {}.", "a bright photo of a {}.", "graffiti of the {}.",
                "a cartoon {}.", "a rendering of a {}."),
 }
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 
 
 def load_gray():
@@ -148,7 +148,7 @@ def build_benchmark(seed: int = 0):
 
 # ---- pretraining the zero-shot model ----
 
-PRETRAIN_DEFAULTS = dict(steps=400, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=50,
+PRETRAIN_DEFAULTS = dict(steps=800, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=50,
                          caption_noise=0.3, clean_fraction=0.3)
 
 
@@ -203,7 +203,9 @@ def cache_dir(explicit=None) -> Path:
 
 
 def pretrained_path(seed: int, cache=None, **overrides) -> Path:
-    cfg = {**PRETRAIN_DEFAULTS, **overrides, "seed": seed, "version": PRETRAIN_VERSION}
+    from .models import tiny_config
+    cfg = {**PRETRAIN_DEFAULTS, **overrides, "seed": seed, "version": PRETRAIN_VERSION,
+           "architecture": tiny_config()}
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir(cache) / f"digits-pretrained-s{seed}-{key}.pt"
 

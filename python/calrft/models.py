@@ -24,6 +24,11 @@ def register_tiny_architecture() -> None:
 register_tiny_architecture()
 
 
+def tiny_config() -> dict:
+    import json
+    return json.loads((_CONFIG_DIR / f"{TINY}.json").read_text())
+
+
 def create(model_name: str, pretrained: str | None = None, device="cpu", cache_dir=None):
     """(model, train_transform, eval_transform, tokenizer) for an open_clip architecture.
 

@@ -60,8 +60,8 @@ def reliability_plot(predictions: dict, title: str, path, n_bins: int = 15) -> N
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         logits, labels = predictions[name]
-        count, conf, acc = metrics.reliability(logits, labels, n_bins)
-        centres = (torch_arange(n_bins) + 0.5) / n_bins
+        count, conf, acc = (t.numpy() for t in metrics.reliability(logits, labels, n_bins))
+        centres = (torch_arange(n_bins).numpy() + 0.5) / n_bins
         mask = count > 0
         ax.bar(centres[mask], acc[mask], width=1.0 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
