@@ -123,7 +123,9 @@ def aggregate_table(agg: dict) -> str:
     cols = ["id_acc", "id_ece", "ood_avg_acc", "ood_avg_ece", "id_nll", "ood_avg_nll", "sigma_min"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, entry in agg.items():
-        lines.append(f"| {method} | " + " | ".join(f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in cols) + " |")
+        cells = [f"{entry[c][0]:.3e} ± {entry[c][1]:.1e}" if c == "sigma_min" else
+                 f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in cols]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

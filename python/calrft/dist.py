@@ -1,6 +1,7 @@
 """torch.distributed plumbing: torchrun initialisation, and gathers/reductions for evaluation."""
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -61,19 +62,15 @@ def merge_accumulators(acc):
     states = [None] * world_size()
     tdist.all_gather_object(states, {k: v.cpu() if torch.is_tensor(v) else v
                                      for k, v in acc.state_dict().items()})
-    merged = type(acc)(acc.mean.shape[0] if hasattr(acc, "mean") else 0, dtype=torch.float64)
+    merged = None
     for state in states:
-        part = type(acc)(merged_dim(state), dtype=torch.float64)
+        part = copy.deepcopy(acc)  # same dimension, dtype and device as ours
         part.load_state_dict(state)
-        merged.merge(part)
+        if merged is None:
+            merged = part
+        else:
+            merged.merge(part)
     return merged
-
-
-def merged_dim(state) -> int:
-    for v in state.values():
-        if torch.is_tensor(v) and v.ndim >= 1:
-            return v.shape[-1]
-    raise ValueError("state: accumulator state has no tensor")
 
 
 def all_reduce_mean(value: float, device="cpu") -> float:
