@@ -6,7 +6,8 @@ soft targets), split into student forward/backward, teacher forward and loss.
 
 Timing: both losses run interleaved in one process, medians over --reps steps. Peak memory: each
 (loss, batch) runs a few steps in its own subprocess and reports the growth of peak RSS over the
-RSS after model set-up (CPU tensors are invisible to tracemalloc/CUDA counters)."""
+RSS after set-up (CPU tensors are invisible to tracemalloc/CUDA counters), for a whole step and
+for the loss alone on random features of the same shapes."""
 from __future__ import annotations
 
 import argparse
@@ -96,20 +97,36 @@ def time_batch(batch, reps):
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
 
 
-def peak_memory_child(name, batch, steps):
-    model, teacher, opt, images, texts = setup(batch)
-    step(model, teacher, opt, LOSSES["naive" if name == "none" else name], images[:8], texts[:8])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(steps):
-        step(model, teacher, opt, LOSSES[name], images, texts)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_mib": (peak - base) / 1024}))
+def rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(name, batch, steps=2):
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--batches", str(batch),
-                          "--reps", str(steps)], capture_output=True, text=True, check=True,
-                         env={**os.environ})
+def peak_memory_child(kind, name, batch, steps):
+    """Growth of peak RSS over the RSS after set-up: a whole training step ("step"), or the loss's
+    forward+backward alone on random features of the same shapes ("loss")."""
+    if kind == "step":
+        model, teacher, opt, images, texts = setup(batch)
+        base = rss_mib()
+        for _ in range(steps):
+            step(model, teacher, opt, LOSSES[name], images, texts)
+    else:
+        torch.manual_seed(0)
+        d = 64
+        feats = [F.normalize(torch.randn(batch, d), dim=1) for _ in range(4)]
+        img, txt = (f.requires_grad_() for f in feats[:2])
+        scale = torch.tensor(4.0, requires_grad=True)
+        wv, wt = torch.randn(96, d, requires_grad=True), torch.randn(64, d, requires_grad=True)
+        base = rss_mib()
+        for _ in range(steps):
+            loss = LOSSES[name](img, txt, scale, visual_proj=wv, text_proj=wt, teacher_image_features=feats[2],
+                                teacher_text_features=feats[3], teacher_logit_scale=torch.tensor(4.0))
+            loss.backward()
+    print(json.dumps({"peak_growth_mib": rss_mib() - base}))
+
+
+def peak_memory(kind, name, batch, steps=2):
+    out = subprocess.run([sys.executable, __file__, "--child", f"{kind}:{name}", "--batches", str(batch),
+                          "--reps", str(steps)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
 
 
@@ -122,25 +139,27 @@ def main():
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        return peak_memory_child(args.child, batches[0], args.reps)
+        kind, name = args.child.split(":")
+        return peak_memory_child(kind, name, batches[0], args.reps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, reps={args.reps}")
     header = ("| batch | loss | step ms | student fwd+bwd ms | teacher fwd ms | loss fwd+bwd ms | "
-              "loss share | peak RSS growth MiB |")
-    print(header + "\n" + "|---" * 8 + "|")
+              "loss share | step peak RSS growth MiB | loss peak RSS growth MiB |")
+    print(header + "\n" + "|---" * 9 + "|")
     rows = []
     for batch in batches:
         reps = max(2, args.reps if batch <= 1024 else args.reps // 2)
         timing = time_batch(batch, reps)
         for name in LOSSES:
             t = timing[name]
-            mem = peak_memory(name, batch)
+            mem, loss_mem = peak_memory("step", name, batch), peak_memory("loss", name, batch)
             row = {"batch": batch, "loss": name, **{k: v * 1e3 for k, v in t.items()},
-                   "loss_share": t["loss"] / t["total"], "peak_rss_growth_mib": mem}
+                   "loss_share": t["loss"] / t["total"], "step_peak_rss_growth_mib": mem,
+                   "loss_peak_rss_growth_mib": loss_mem}
             rows.append(row)
             print(f"| {batch} | {name} | {row['total']:.1f} | {row['student']:.1f} | {row['teacher']:.1f} | "
-                  f"{row['loss']:.2f} | {row['loss_share']:.1%} | {mem:.1f} |", flush=True)
+                  f"{row['loss']:.2f} | {row['loss_share']:.1%} | {mem:.1f} | {loss_mem:.1f} |", flush=True)
         f, n = timing["fused"], timing["naive"]
-        print(f"|  | naive/fused | {n['total'] / f['total']:.2f}x |  |  | {n['loss'] / f['loss']:.1f}x |  |  |",
+        print(f"|  | naive/fused | {n['total'] / f['total']:.2f}x |  |  | {n['loss'] / f['loss']:.1f}x |  |  |  |",
               flush=True)
     if args.json:
         with open(args.json, "w") as fh:
