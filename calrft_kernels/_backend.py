@@ -11,13 +11,21 @@ import os
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
 
-@functools.lru_cache(None)
-def native():
-    """(module or None, reason): the compiled calrft_kernels._C."""
+def _import_native():
     try:
         return importlib.import_module("calrft_kernels._C"), ""
     except ImportError as exc:  # not built: pip install -e . (see README)
         return None, f"the native extension calrft_kernels._C is not built ({exc})"
+
+
+# Probed once at import (cheap, never fails): torch.compile traces through the dispatch code,
+# and must find plain attributes here rather than an import it cannot trace.
+_NATIVE = _import_native()
+
+
+def native():
+    """(module or None, reason): the compiled calrft_kernels._C."""
+    return _NATIVE
 
 
 def triton_interpreted() -> bool:

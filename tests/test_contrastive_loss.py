@@ -218,19 +218,26 @@ def test_float64_on_triton_is_refused_clearly():
         contrastive_loss(x, x, 1.0, backend="triton")
 
 
-@pytest.mark.parametrize("option", ["plain", "all"])
-def test_torch_compile_fullgraph_matches_eager(option):
+@pytest.mark.parametrize("option,compiler", [("plain", "aot_eager"), ("all", "aot_eager"),
+                                             ("all", "inductor")])
+def test_torch_compile_fullgraph_matches_eager(option, compiler):
+    """The op's fake kernels and registered autograd let torch.compile trace forward and
+    backward in one graph (fullgraph: no graph break) with the same results as eager."""
     inputs, kwargs = make_inputs(23, 9, dtype=torch.float32, seed=4, **OPTIONS[option])
 
-    def step(image, text, scale):
-        loss = contrastive_loss(image, text, scale, inputs.get("logit_bias"), **kwargs,
+    def loss_fn(image, text, scale):
+        return contrastive_loss(image, text, scale, inputs.get("logit_bias"), **kwargs,
                                 backend="cpu")
-        return (loss,) + tuple(torch.autograd.grad(loss, (image, text, scale)))
 
-    leaves = [inputs[k].detach().clone().requires_grad_()
-              for k in ("image_features", "text_features", "logit_scale")]
-    eager = step(*leaves)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    def run(fn):
+        leaves = [inputs[k].detach().clone().requires_grad_()
+                  for k in ("image_features", "text_features", "logit_scale")]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss] + [leaf.grad for leaf in leaves]
+
+    eager = run(loss_fn)
+    compiled = run(torch.compile(loss_fn, fullgraph=True, backend=compiler))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

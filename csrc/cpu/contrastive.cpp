@@ -7,7 +7,8 @@
 //   - the thread's own column accumulators (online max + sum of exp per column), merged across
 //     threads at the end: no shared writes, no atomics, no assumed max.
 // The backward recomputes each tile once, turns it into dS in place and emits dq += dS k_tile and
-// dk_thread += dS^T q_panel: 1 + 3 products (4 units), 2 + 4 with a teacher tile.
+// dk += dS^T q_panel (a schedule gives every dk block one writer at a time, see Schedule):
+// 1 + 3 products (4 units), 2 + 4 with a teacher tile.
 //
 // The bias is a constant shift of every logit, so the tiles hold scale q k^T only and the bias
 // enters the statistics once at the end (lse(x + b) = lse(x) + b, sum p (x + b) = sum p x + b).
@@ -347,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p) {
   std::vector<std::vector<T>> thread_cols;  // one [5, N] Running block per thread
 
   at::parallel_for(0, panels.count, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     ForwardScratch<T> w;
     w.s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
     if (kTeacher) w.t_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
@@ -452,6 +454,23 @@ at::Tensor softmax_shifts(const at::Tensor& stats, double bias, bool teacher) {
   return teacher ? at::cat({lse_s, stats.narrow(0, 1, 1)}, 0) : lse_s;
 }
 
+// Backward schedule without per-thread dk copies: rows are cut into `parts` groups of panels
+// and columns into `parts` blocks of tiles. In step s, part t handles row group t against column
+// block (t + s) mod parts, so within a step every dq row and every dk row has exactly one writer;
+// the steps are separated by the end of each parallel_for. Extra memory: the tile scratch only.
+struct Schedule {
+  int64_t parts, tiles;
+  Panels panels;
+  int64_t group_begin(int64_t t) const { return panels.count * t / parts; }
+  int64_t block_begin(int64_t c) const { return tiles * c / parts * kTileCols; }
+};
+
+Schedule plan_schedule(int64_t M, int64_t N) {
+  const Panels panels = plan_panels(M);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return {std::min(threads, panels.count), ceil_div(N, kTileCols), panels};
+}
+
 template <typename T, bool kTeacher, bool kCols>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Tensor& grad_row,
                                                  const at::Tensor& grad_col,
@@ -459,28 +478,28 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
                                                  const at::Tensor& col_stats) {
   const auto opts = p.q.options();
   at::Tensor dq = at::zeros({p.M, p.d}, opts);
+  at::Tensor dk = at::zeros({p.N, p.d}, opts);
   const at::Tensor row_shift = softmax_shifts(row_stats, p.bias, kTeacher).contiguous();
   const at::Tensor col_shift = softmax_shifts(col_stats, p.bias, kTeacher).contiguous();
   const GradTerms<T> all_rows = grad_terms<T>(grad_row, row_shift, p.M);
   const GradTerms<T> all_cols = kCols ? grad_terms<T>(grad_col, col_shift, p.N) : GradTerms<T>{};
-  const Panels panels = plan_panels(p.M);
-  std::mutex done_mutex;
-  std::vector<at::Tensor> thread_dk;  // one [N, d] accumulator per thread, summed at the end
+  const Schedule plan = plan_schedule(p.M, p.N);
 
-  at::parallel_for(0, panels.count, 1, [&](int64_t first, int64_t last) {
+  // Row group t of the panels against the columns [c0, c1).
+  auto run_part = [&](int64_t t, int64_t c0, int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
     at::Tensor t_tile = kTeacher ? at::empty({kMaxPanelRows * kTileCols}, opts) : at::Tensor();
-    at::Tensor my_dk = at::zeros({p.N, p.d}, opts);
-    for (int64_t panel = first; panel < last; ++panel) {
-      const int64_t i0 = panels.begin(panel), bm = panels.size(panel);
+    for (int64_t panel = plan.group_begin(t); panel < plan.group_begin(t + 1); ++panel) {
+      const int64_t i0 = plan.panels.begin(panel), bm = plan.panels.size(panel);
       at::Tensor q_panel = p.q.narrow(0, i0, bm);
       at::Tensor tq_panel = kTeacher ? p.tq.narrow(0, i0, bm) : at::Tensor();
       at::Tensor dq_panel = dq.narrow(0, i0, bm);
       GradTerms<T> rows{all_rows.g0 + i0, all_rows.shift + i0,
                         kTeacher ? all_rows.g2 + i0 : nullptr,
                         kTeacher ? all_rows.tshift + i0 : nullptr};
-      for (int64_t j0 = 0; j0 < p.N; j0 += kTileCols) {
-        const int64_t bn = std::min(kTileCols, p.N - j0);
+      for (int64_t j0 = c0; j0 < c1; j0 += kTileCols) {
+        const int64_t bn = std::min(kTileCols, c1 - j0);
         at::Tensor k_tile = p.k.narrow(0, j0, bn);
         at::Tensor s = tile_view(s_tile, bm, bn);
         tile_product(s, q_panel, k_tile, p.scale);
@@ -495,16 +514,21 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
           cols = {all_cols.g0 + j0, all_cols.shift + j0, kTeacher ? all_cols.g2 + j0 : nullptr,
                   kTeacher ? all_cols.tshift + j0 : nullptr};
         tile_grad<T, kTeacher, kCols>(s.data_ptr<T>(), t_ptr, bm, bn, rows, cols);
-        dq_panel.addmm_(s, k_tile);                         // dq += dS k_tile
-        my_dk.narrow(0, j0, bn).addmm_(s.t(), q_panel);     // dk += dS^T q_panel
+        dq_panel.addmm_(s, k_tile);                    // dq += dS k_tile
+        dk.narrow(0, j0, bn).addmm_(s.t(), q_panel);   // dk += dS^T q_panel
       }
     }
-    std::lock_guard<std::mutex> lock(done_mutex);
-    thread_dk.push_back(std::move(my_dk));
-  });
+  };
 
-  at::Tensor dk = thread_dk[0];
-  for (size_t t = 1; t < thread_dk.size(); ++t) dk.add_(thread_dk[t]);
+  for (int64_t step = 0; step < plan.parts; ++step) {
+    at::parallel_for(0, plan.parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t c = (t + step) % plan.parts;
+        const int64_t c0 = plan.block_begin(c), c1 = std::min(p.N, plan.block_begin(c + 1));
+        if (c0 < c1) run_part(t, c0, c1);
+      }
+    });
+  }
   return {dq, dk};
 }
 
@@ -526,6 +550,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale, const at::Tensor& bias,
     const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
     const std::optional<at::Tensor>& tscale, bool with_cols) {
+  // The tile products are ATen ops on views of q and k: keep them out of autograd (the op's
+  // autograd lives in Python), or out= products refuse inputs that require grad.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Problem p = make_problem(q, k, scale, bias, tq, tk, tscale, with_cols);
   return dispatch(p, [&]<typename T, bool kTeacher, bool kCols>() {
     return forward_impl<T, kTeacher, kCols>(p);
@@ -538,6 +565,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_backward_cpu(
     const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
     const std::optional<at::Tensor>& tscale, const at::Tensor& row_stats,
     const at::Tensor& col_stats, bool with_cols) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // see contrastive_stats_forward_cpu
   const Problem p = make_problem(q, k, scale, bias, tq, tk, tscale, with_cols);
   const int64_t cols = with_cols ? p.N : 0;
   const at::Tensor g_row = checked_stats(grad_row, "grad_row", p, p.M);

@@ -1,0 +1,285 @@
+"""CPU benchmark of the fused contrastive loss against open_clip's ClipLoss and a naive CaRot loss.
+
+Every (method, B) runs in a fresh subprocess, so its peak memory is its own: the child builds the
+inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs) and
+reports VmHWM - VmRSS around its first forward+backward (gradients and every temporary count as
+extra; the inputs do not). Time: median forward+backward over --reps runs in that child.
+
+Methods (d = 512, float32, logit scale 100):
+  fused          calrft_kernels.contrastive_loss(..., backend="cpu")
+  open_clip      open_clip.loss.ClipLoss()
+  fused+distill  contrastive_loss(..., teacher features, distill_weight=1, backend="cpu")
+  naive CaRot    open_clip logits + teacher soft targets (softmax), log_softmax soft CE
+  unit           one B x B x d product and its backward (3 units) -> the bounds
+                 4-unit bound = 4/3 x unit time (no teacher), 6-unit bound = 2 x unit time.
+
+    python benchmarks/bench_contrastive.py --sizes 1024 4096 8192
+    python benchmarks/bench_contrastive.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SIZES = (1024, 4096, 8192, 16384, 65536)
+METHODS = ("unit", "fused", "open_clip", "fused+distill", "naive CaRot")
+# Peak extra bytes per B^2 of the materialising methods (measured at B = 4096: ClipLoss 4.3 B^2
+# floats, the naive CaRot loss 11.3; rounded up), for skipping sizes that cannot fit.
+BYTES_PER_B2 = {"open_clip": 4 * 5, "naive CaRot": 4 * 12, "unit": 4 * 3}
+
+
+# ------------------------------------------------------------------------------------------
+# Child side: one method at one size.
+# ------------------------------------------------------------------------------------------
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _make_step(method, B, d, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def features():
+        return F.normalize(torch.randn(B, d, generator=gen), dim=1)
+
+    img, txt = features().requires_grad_(), features().requires_grad_()
+    scale = torch.tensor(100.0, requires_grad=True)
+    t_img, t_txt, t_scale = features(), features(), torch.tensor(100.0)
+
+    if method == "unit":
+        grad = torch.randn(B, B, generator=gen) / B
+
+        def step():
+            (img @ txt.T).backward(grad)
+    elif method in ("fused", "fused+distill"):
+        from calrft_kernels import contrastive_loss
+        kw = {}
+        if method == "fused+distill":
+            kw = dict(teacher_image_features=t_img, teacher_text_features=t_txt,
+                      teacher_logit_scale=t_scale, distill_weight=1.0)
+
+        def step():
+            contrastive_loss(img, txt, scale, backend="cpu", **kw).backward()
+    elif method == "open_clip":
+        from open_clip.loss import ClipLoss
+        loss_fn = ClipLoss()
+
+        def step():
+            loss_fn(img, txt, scale).backward()
+    elif method == "naive CaRot":
+        from open_clip.loss import ClipLoss
+        loss_fn = ClipLoss()
+
+        def step():
+            logits_i, logits_t = loss_fn.get_logits(img, txt, scale)
+            labels = torch.arange(B)
+            loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+            with torch.no_grad():
+                t = t_scale * t_img @ t_txt.T
+                p_i, p_t = t.softmax(1), t.T.softmax(1)
+            soft = (-(p_i * logits_i.log_softmax(1)).sum(1).mean()
+                    - (p_t * logits_t.log_softmax(1)).sum(1).mean())
+            (loss + 1.0 * soft).backward()
+    else:
+        raise ValueError(method)
+
+    def clear():
+        for x in (img, txt, scale):
+            x.grad = None
+    return step, clear
+
+
+def child(method, B, d, reps):
+    import torch
+    warm, warm_clear = _make_step(method, 256, d)
+    warm()
+    warm_clear()
+    step, clear = _make_step(method, B, d)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    times = [time.perf_counter() - t0]
+    peak = _status_kib("VmHWM")
+    clear()
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        clear()
+    timed = sorted(times[1:] if len(times) > 1 else times)
+    return dict(method=method, B=B, d=d, threads=torch.get_num_threads(), runs=len(timed),
+                seconds=timed[len(timed) // 2], extra_mib=(peak - base) / 1024)
+
+
+# ------------------------------------------------------------------------------------------
+# Parent side
+# ------------------------------------------------------------------------------------------
+def mem_available_bytes():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_child(method, B, d, reps, timeout):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(B), str(d), str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        return dict(method=method, B=B, error=out.stderr.strip().splitlines()[-1:] or ["?"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(sizes, methods, d, reps, big_reps, limit_bytes, timeout):
+    results = []
+    for B in sizes:
+        for method in methods:
+            need = BYTES_PER_B2.get(method, 0) * B * B
+            if need > limit_bytes:
+                results.append(dict(method=method, B=B, skipped=f"needs ~{need / 2**30:.0f} GiB"))
+                print(f"  skip {method:14s} B={B}: needs ~{need / 2**30:.1f} GiB > limit", flush=True)
+                continue
+            r = run_child(method, B, d, reps if B <= 8192 else big_reps, timeout)
+            results.append(r)
+            print("  ", json.dumps(r), flush=True)
+    return results
+
+
+def _get(results, method, B):
+    for r in results:
+        if r["method"] == method and r["B"] == B and "seconds" in r:
+            return r
+    return None
+
+
+def unit_seconds(results, B):
+    """3-unit time at B: measured, or scaled by (B / B0)^2 from the largest measured B0 < B."""
+    r = _get(results, "unit", B)
+    if r:
+        return r["seconds"], False
+    done = sorted(x["B"] for x in results if x["method"] == "unit" and "seconds" in x and x["B"] < B)
+    if not done:
+        return None, False
+    b0 = done[-1]
+    return _get(results, "unit", b0)["seconds"] * (B / b0) ** 2, True
+
+
+def table(results, sizes):
+    lines = ["| B | method | fwd+bwd s | extra peak MiB | vs open_clip | vs naive CaRot | vs bound |",
+             "|---|---|---|---|---|---|---|"]
+    for B in sizes:
+        unit, extrapolated = unit_seconds(results, B)
+        oc, naive = _get(results, "open_clip", B), _get(results, "naive CaRot", B)
+        for method in METHODS:
+            r = next((x for x in results if x["method"] == method and x["B"] == B), None)
+            if r is None:
+                continue
+            if "seconds" not in r:
+                why = r.get("skipped") or ("error: " + " ".join(r.get("error", [])))
+                lines.append(f"| {B} | {method} | skipped ({why}) | | | | |")
+                continue
+            vs_oc = f"{r['seconds'] / oc['seconds']:.2f}x" if oc and method == "fused" else ""
+            vs_naive = (f"{r['seconds'] / naive['seconds']:.2f}x"
+                        if naive and method == "fused+distill" else "")
+            bound = ""
+            if unit and method in ("fused", "fused+distill"):
+                units = 4 if method == "fused" else 6
+                bound = f"{r['seconds'] / (unit * units / 3):.2f}x of {units}-unit"
+                bound += " (unit extrapolated)" if extrapolated else ""
+            name = method if method != "unit" else "unit (1 product + bwd = 3 units)"
+            runs = f" (median of {r['runs']})" if r["runs"] > 1 else " (1 run)"
+            lines.append(f"| {B} | {name} | {r['seconds']:.3f}{runs} | {r['extra_mib']:.0f} | "
+                         f"{vs_oc} | {vs_naive} | {bound} |")
+    return "\n".join(lines)
+
+
+def plot(results, sizes, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in METHODS:
+        pts = [(r["B"], r["seconds"], r["extra_mib"]) for r in results
+               if r["method"] == method and "seconds" in r]
+        if not pts:
+            continue
+        bs, secs, mib = zip(*pts)
+        label = "1 product + bwd (3 units)" if method == "unit" else method
+        style = ":" if method == "unit" else "-"
+        ax_t.plot(bs, secs, style, marker="o", label=label)
+        ax_m.plot(bs, mib, style, marker="o", label=label)
+    for ax, ylabel in ((ax_t, "forward+backward time [s]"), (ax_m, "peak extra RSS [MiB]")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch B (d = 512, fp32)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle("Contrastive loss on CPU (2 cores): fused kernel vs materialised logits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("none",))
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5, help="runs per config for B <= 8192")
+    ap.add_argument("--big-reps", type=int, default=2, help="runs per config for B > 8192")
+    ap.add_argument("--limit-gib", type=float, default=12.0,
+                    help="skip configs whose estimated memory exceeds this (or 80%% of MemAvailable)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--md", default=None, help="also write the table here")
+    ap.add_argument("--json", default=None, help="also write the raw results here (JSON lines)")
+    ap.add_argument("--load", nargs="+", default=[],
+                    help="JSON-lines files of earlier runs to table/plot with this one "
+                         "(use --sizes with no new measurement: --methods none)")
+    ap.add_argument("--png", default=os.path.join(HERE, "contrastive_cpu.png"))
+    ap.add_argument("--child", nargs=4, metavar=("METHOD", "B", "D", "REPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        method, B, d, reps = args.child
+        print(json.dumps(child(method, int(B), int(d), int(reps))))
+        return
+    sizes = [1024, 4096] if args.quick else args.sizes
+    limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
+    print(f"sizes {sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
+    methods = [m for m in args.methods if m != "none"]
+    results = measure(sizes, methods, args.d, args.reps, args.big_reps, limit, args.timeout)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in results))
+    for path in args.load:
+        with open(path) as f:
+            results += [json.loads(line) for line in f if line.strip()]
+    sizes = sorted({r["B"] for r in results})
+    text = table(results, sizes)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n```json\n"
+                    + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+    if args.png:
+        plot(results, sizes, args.png)
+        print("plot:", args.png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Ahead-of-time compile of every shipped Triton contrastive kernel configuration for sm_90 (H100 /
+H200), on a machine without a GPU.
+
+triton.compile needs the kernels decorated WITHOUT the interpreter (an InterpretedFunction has no
+cache_key), while conftest.py turns the interpreter on for this process: the compile runs in a
+subprocess whose environment lacks TRITON_INTERPRET. This file is also that subprocess's script:
+
+    python tests/test_triton_aot.py            # JSON, one record per compiled variant
+    python tests/test_triton_aot.py --table    # the same as a markdown table
+    python tests/test_triton_aot.py --full --table   # every (teacher, with_cols) variant
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SM90_MAX_DYNAMIC_SHARED = 232448  # bytes per block (227 KB opt-in) on sm_90
+
+# Operand dtypes and the dot precision a launch would use for them (fp32: tf32 by default, ieee
+# when torch.backends.cuda.matmul.allow_tf32 is off).
+DTYPES = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
+VARIANTS = [(False, False), (False, True), (True, False), (True, True)]  # (teacher, with_cols)
+
+
+def _signature(kernel_name, op):
+    """Argument types in the kernels' order; pointers and sizes as a launch with 16-aligned
+    tensors and sizes (B = 4096..65536, d = 512/768) specialises them."""
+    operands = {"q_ptr": op, "k_ptr": op, "tq_ptr": op, "tk_ptr": op}
+    scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "tscale_ptr": "*fp32"}
+    if kernel_name == "forward":
+        outputs = {"row_ptr": "*fp32", "col_packed_ptr": "*i64", "col_stats_ptr": "*fp32",
+                   "col_lock_ptr": "*i32"}
+    else:
+        outputs = {"grad_row_ptr": "*fp32", "grad_col_ptr": "*fp32", "row_ptr": "*fp32",
+                   "col_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32"}
+    sizes = {"M": "i32", "N": "i32", "D": "i32", "DT": "i32"}
+    return {**operands, **scalars, **outputs, **sizes}
+
+
+def _resource_usage(cubin: bytes, name: str):
+    """REG / SHARED (static) / LOCAL (spill) bytes from cuobjdump (bundled with triton)."""
+    import tempfile
+
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+    fields = dict(item.split(":") for item in line.split())
+    return int(fields["REG"]), int(fields["SHARED"]), int(fields["LOCAL"]), int(fields["STACK"])
+
+
+def _jobs(full):
+    """(kernel, config index, dtype, precision, teacher, with_cols) to compile. The test compiles
+    every config x dtype in the heaviest variant (teacher and column statistics: the lock merge,
+    most registers) and, in bf16, the no-teacher variant with column statistics (the CAS merge;
+    CLIP training's path); `full` adds every other variant (~2 s of CPU per compile)."""
+    from calrft_kernels.triton import contrastive as mod
+    jobs = []
+    for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
+                                 ("backward", mod.BACKWARD_CONFIGS)):
+        for ci in range(len(configs)):
+            for op, precision in DTYPES:
+                for teacher, with_cols in VARIANTS:
+                    wanted = (teacher and with_cols) or (op == "bf16" and with_cols) or (
+                        full and precision == "tf32")
+                    if wanted:
+                        jobs.append((kernel_name, ci, op, precision, teacher, with_cols))
+    return jobs
+
+
+def compile_one(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from calrft_kernels.triton import contrastive as mod
+
+    kernel_name, ci, op, precision, teacher, with_cols = job
+    fn = mod.KERNELS[kernel_name]
+    cfg = (mod.FORWARD_CONFIGS if kernel_name == "forward" else mod.BACKWARD_CONFIGS)[ci]
+    sig = _signature(kernel_name, "*" + op)
+    constexprs = {"HAS_TEACHER": teacher, "WITH_COLS": with_cols, "INPUT_PRECISION": precision,
+                  **cfg.kwargs}
+    signature = {**sig, **{c: "constexpr" for c in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
+                                                      compiled.metadata.name)
+    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, dtype=op, precision=precision, teacher=teacher,
+                with_cols=with_cols, ptx_bytes=len(ptx), cubin_bytes=len(compiled.asm["cubin"]),
+                regs=regs, shared=compiled.metadata.shared + static_smem, spill_local=local,
+                stack=stack, wgmma="wgmma.mma_async" in ptx,
+                mma="mma.sync" in ptx or "wgmma.mma_async" in ptx)
+
+
+def compile_all(full=False, workers=2):
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = _jobs(full)
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def _table(records):
+    head = ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages", "dtype",
+            "precision", "teacher", "with_cols", "regs", "shared", "spill_local", "stack",
+            "wgmma")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def _run_subprocess():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_shipped_config_compiles_for_sm90():
+    from calrft_kernels.triton import contrastive as mod
+    records = _run_subprocess()
+    n_configs = len(mod.FORWARD_CONFIGS) + len(mod.BACKWARD_CONFIGS)
+    assert len(records) == n_configs * (len(DTYPES) + 1)
+    for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
+                                 ("backward", mod.BACKWARD_CONFIGS)):
+        for ci in range(len(configs)):
+            got = {(r["dtype"], r["precision"]) for r in records
+                   if r["kernel"] == kernel_name and r["config"] == ci}
+            assert got == set(DTYPES), (kernel_name, ci, got)
+    for r in records:
+        what = f"{r['kernel']} config {r['config']} {r['dtype']}/{r['precision']}"
+        assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, what
+        assert 0 < r["regs"] <= 255, what
+        assert r["shared"] <= SM90_MAX_DYNAMIC_SHARED, f"{what}: {r['shared']} B shared"
+        # 16-bit operands (and tf32) must reach the Hopper tensor cores.
+        if r["dtype"] in ("bf16", "fp16") or r["precision"] == "tf32":
+            assert r["wgmma"], f"{what}: no wgmma in the PTX"
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET (kernels must be compiled, not interpreted)")
+    recs = compile_all(full="--full" in sys.argv)
+    print(_table(recs) if "--table" in sys.argv else json.dumps(recs))
