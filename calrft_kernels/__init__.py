@@ -4,6 +4,10 @@ The public API of ../shared/spec/api.md; every op takes CPU or CUDA tensors and 
 by dispatch (backend="auto": Triton on CUDA, the C++ kernels on CPU)."""
 from .contrastive import contrastive_loss
 from .losses import CaRotLoss, ClipLoss
+from .spectral import (CovarianceAccumulator, batch_covariance, covariance_sigma_min,
+                       orthogonality_loss, smallest_eigenvalue, smallest_singular_value)
 
-__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss"]
+__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "batch_covariance",
+           "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
+           "smallest_singular_value", "orthogonality_loss"]
 __version__ = "0.1.0"

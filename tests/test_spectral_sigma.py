@@ -1,0 +1,178 @@
+"""covariance_sigma_min, smallest_singular_value, orthogonality_loss; torch.compile."""
+import warnings
+
+import pytest
+import torch
+
+from calrft_kernels.spectral import (covariance_sigma_min, orthogonality_loss,
+                                     smallest_singular_value)
+
+
+def features(b, d, mean=50.0, dtype=torch.float32, kappa_sqrt=1e2):
+    spread = torch.logspace(-torch.log10(torch.tensor(kappa_sqrt)).item(), 0, d)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    z = (torch.randn(b, d, dtype=torch.float64) * spread.double()) @ q.T + mean * torch.randn(d).double()
+    return z.to(dtype)
+
+
+def ref_lambda_min(z, correction=1):
+    z64 = z.double()
+    zc = z64 - z64.mean(0)
+    return torch.linalg.eigvalsh(zc.T @ zc / (z.shape[0] - correction))[0]
+
+
+@pytest.mark.parametrize("b,d", [(3, 1), (5, 2), (300, 64), (1100, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_value_large_mean(b, d, dtype):
+    z = features(b, d, dtype=dtype)
+    value, vec = covariance_sigma_min(z, return_vector=True)
+    assert value.dtype == dtype and vec.shape == (d,)
+    ref = ref_lambda_min(z)
+    assert abs(float(value) - float(ref)) <= 1e-4 * float(ref)
+
+
+def test_half_inputs():
+    for dtype in (torch.float16, torch.bfloat16):
+        z = features(200, 20, mean=2.0, dtype=dtype, kappa_sqrt=10)
+        value = covariance_sigma_min(z)
+        assert value.dtype == dtype
+        assert abs(float(value) - float(ref_lambda_min(z))) <= 1e-2 * float(ref_lambda_min(z))
+
+
+def test_gradcheck_and_eps_softmin():
+    z = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: covariance_sigma_min(t), (z,))
+    assert torch.autograd.gradcheck(lambda t: covariance_sigma_min(t, eps=1e-3), (z,))
+    assert torch.autograd.gradcheck(lambda t: covariance_sigma_min(t, softmin_k=3), (z,))
+    assert torch.autograd.gradcheck(lambda t: covariance_sigma_min(t, correction=0), (z,))
+
+
+def test_gradient_vs_eigvalsh_autograd():
+    """O(B d) backward against float64 autograd through torch.cov + eigvalsh (d = 64 > dense cut)."""
+    z = features(400, 64, dtype=torch.float64, mean=3.0).requires_grad_()
+    (grad,) = torch.autograd.grad(covariance_sigma_min(z, tol=1e-10), z)
+    z_ref = z.detach().clone().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.linalg.eigvalsh(torch.cov(z_ref.T))[0], z_ref)
+    assert float((grad - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_softmin_properties():
+    z = features(500, 40, dtype=torch.float64, mean=1.0)
+    lam = torch.linalg.eigvalsh(torch.cov(z.T))
+    soft = covariance_sigma_min(z, softmin_k=4, softmin_temperature=0.1)
+    # soft-min lies between the smallest and the mean of the k smallest
+    assert float(lam[0]) - 1e-12 <= float(soft) <= float(lam[:4].mean()) + 1e-12
+    sharp = covariance_sigma_min(z, softmin_k=4, softmin_temperature=1e-3)
+    assert abs(float(sharp) - float(lam[0])) <= 0.02 * float(lam[0])
+
+
+def test_rank_deficient():
+    z = torch.randn(10, 20, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="singular"):
+        value = covariance_sigma_min(z, eps=1e-3)
+    assert float(value.detach()) == pytest.approx(1e-3)
+    value.backward()
+    assert float(z.grad.abs().max()) == 0
+    with pytest.raises(ValueError, match="singular"):
+        covariance_sigma_min(z, rank_deficient="raise")
+
+
+def test_warm_start_info():
+    z = features(600, 100, dtype=torch.float64, mean=1.0)
+    value, vec, info = covariance_sigma_min(z, return_vector=True, return_info=True)
+    z2 = z + 1e-3 * torch.randn_like(z)
+    value2, _, info2 = covariance_sigma_min(z2, v0=vec, factor=info, return_vector=True,
+                                            return_info=True)
+    assert abs(float(value2) - float(ref_lambda_min(z2))) <= 1e-4 * float(ref_lambda_min(z2))
+    assert info2.iterations <= info.iterations
+
+
+@pytest.mark.parametrize("bad,exc,name,kwargs", [
+    (torch.randn(5), ValueError, "z", {}),
+    (torch.ones(4, 3, dtype=torch.int32), TypeError, "z", {}),
+    (torch.randn(8, 3), ValueError, "softmin_k", {"softmin_k": 4}),
+    (torch.randn(8, 3), ValueError, "eps", {"eps": -1.0}),
+    (torch.randn(8, 3), ValueError, "rank_deficient", {"rank_deficient": "ignore"}),
+])
+def test_bad_input(bad, exc, name, kwargs):
+    with pytest.raises(exc, match=name):
+        covariance_sigma_min(bad, **kwargs)
+
+
+def test_nonfinite():
+    z = torch.randn(50, 4)
+    z[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="z"):
+        covariance_sigma_min(z)
+
+
+# ---- general matrices -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (768, 64), (70, 300), (512, 512)])
+def test_smallest_singular_value(shape):
+    w = torch.randn(*shape)
+    got = smallest_singular_value(w)
+    ref = torch.linalg.svdvals(w.double())[-1]
+    assert got.dtype == torch.float32
+    assert abs(float(got) - float(ref)) <= 1e-4 * float(ref)
+
+
+def test_smallest_singular_value_grad():
+    w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(smallest_singular_value, (w,))
+    wide = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(smallest_singular_value, (wide,))
+    assert torch.autograd.gradcheck(lambda t: smallest_singular_value(t, eps=1e-2), (wide,))
+    # against float64 autograd of svdvals
+    w2 = torch.randn(100, 60, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(smallest_singular_value(w2, tol=1e-12), w2)
+    (r,) = torch.autograd.grad(torch.linalg.svdvals(w2)[-1], w2)
+    assert float((g - r).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (768, 512), (50, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_orthogonality_loss(shape, dtype):
+    w = (torch.randn(*shape) / shape[0] ** 0.5).to(dtype)
+    got = orthogonality_loss(w)
+    w64 = w.double()
+    ref = torch.linalg.matrix_norm(w64.T @ w64 - torch.eye(shape[1], dtype=torch.float64))
+    assert got.dtype == dtype and got.shape == ()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert abs(float(got) - float(ref)) <= tol * float(ref)
+
+
+def test_orthogonality_loss_near_orthogonal_and_grad():
+    q, _ = torch.linalg.qr(torch.randn(300, 200, dtype=torch.float64))
+    w = q + 1e-7 * torch.randn_like(q)       # the cancelling formula would return noise here
+    ref = torch.linalg.matrix_norm(w.T @ w - torch.eye(200, dtype=torch.float64))
+    assert abs(float(orthogonality_loss(w)) - float(ref)) <= 1e-6 * float(ref)
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(orthogonality_loss, (x,))
+
+
+def test_general_bad_input():
+    with pytest.raises(ValueError, match="w"):
+        smallest_singular_value(torch.randn(3))
+    with pytest.raises(TypeError, match="w"):
+        orthogonality_loss(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="w"):
+        orthogonality_loss(torch.full((3, 3), float("nan")))
+
+
+def test_torch_compile_aot_eager():
+    """The custom ops' fake kernels and autograd work under torch.compile."""
+    z = torch.randn(200, 60, requires_grad=True)
+    w = torch.randn(40, 30, requires_grad=True)
+
+    def objective(z, w):
+        return covariance_sigma_min(z) + orthogonality_loss(w) + smallest_singular_value(w)
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled(z, w)
+    out.backward()
+    ref = objective(z.detach().requires_grad_(), w.detach().requires_grad_())
+    assert abs(float(out.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach()))
+    assert z.grad is not None and w.grad is not None
