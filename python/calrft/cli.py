@@ -179,7 +179,9 @@ def build_parser():
     p.add_argument("--cache-dir", default=None, help="pretrained-model cache (default: $XDG_CACHE_HOME/calrft)")
     p.add_argument("--wise-ft", action=argparse.BooleanOptionalAction, default=True, help="run the WiSE-FT sweep")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain from "
+                        "more, and on a busy machine extra threads slowed pretraining ~10x)")
     p.add_argument("--sigma-min-weight", type=float, default=None, help="CaRot's direct sigma_min regulariser weight")
     p.add_argument("--config", help="YAML/JSON of fine-tuning overrides (TrainConfig keys)")
     p.set_defaults(func=cmd_demo)
