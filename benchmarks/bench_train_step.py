@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,8 +96,24 @@ def time_batch(batch, reps):
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
 
 
-def rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset the kernel's high-water mark (Linux >= 4.0), so that imports and set-up, whose
+    transient peak is above a small step's, do not hide the step's own peak; returns RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib():
+    return _status_mib("VmHWM")
 
 
 def peak_memory_child(kind, name, batch, steps):
@@ -106,7 +121,7 @@ def peak_memory_child(kind, name, batch, steps):
     forward+backward alone on random features of the same shapes ("loss")."""
     if kind == "step":
         model, teacher, opt, images, texts = setup(batch)
-        base = rss_mib()
+        base = reset_peak_rss()
         for _ in range(steps):
             step(model, teacher, opt, LOSSES[name], images, texts)
     else:
@@ -116,12 +131,12 @@ def peak_memory_child(kind, name, batch, steps):
         img, txt = (f.requires_grad_() for f in feats[:2])
         scale = torch.tensor(4.0, requires_grad=True)
         wv, wt = torch.randn(96, d, requires_grad=True), torch.randn(64, d, requires_grad=True)
-        base = rss_mib()
+        base = reset_peak_rss()
         for _ in range(steps):
             loss = LOSSES[name](img, txt, scale, visual_proj=wv, text_proj=wt, teacher_image_features=feats[2],
                                 teacher_text_features=feats[3], teacher_logit_scale=torch.tensor(4.0))
             loss.backward()
-    print(json.dumps({"peak_growth_mib": rss_mib() - base}))
+    print(json.dumps({"peak_growth_mib": peak_rss_mib() - base}))
 
 
 def peak_memory(kind, name, batch, steps=2):
@@ -136,6 +151,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--child", default=None)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--memory-only", action="store_true", help="skip the timing")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
@@ -148,7 +164,8 @@ def main():
     rows = []
     for batch in batches:
         reps = max(2, args.reps if batch <= 1024 else args.reps // 2)
-        timing = time_batch(batch, reps)
+        timing = time_batch(batch, reps) if not args.memory_only else {
+            name: dict.fromkeys(("student", "teacher", "loss", "total"), float("nan")) for name in LOSSES}
         for name in LOSSES:
             t = timing[name]
             mem, loss_mem = peak_memory("step", name, batch), peak_memory("loss", name, batch)
