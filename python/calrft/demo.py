@@ -39,8 +39,10 @@ def finetune_config(profile: dict, method: str, seed: int, out: Path, **override
                       templates="openai", workers=0, seed=seed, device="cpu", out=str(out / method),
                       eval_every=10**9, save_every=10**9, log_every=10, progress=True)
     for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"config: unknown fine-tuning key {k!r}")
         setattr(cfg, k, v)
-    return cfg
+    return cfg.validate()
 
 
 def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=True, profile=None,
