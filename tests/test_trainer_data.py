@@ -7,14 +7,6 @@ from PIL import Image
 
 from calrft import data, models
 
-TF = None
-
-
-def _transform():
-    _, _, eval_tf, _ = models.create(models.TINY)
-    return eval_tf
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model, train_tf, eval_tf, tok = models.create(models.TINY)
