@@ -1,9 +1,12 @@
 """CPU benchmark of the fused contrastive loss against open_clip's ClipLoss and a naive CaRot loss.
 
-Every (method, B) runs in a fresh subprocess, so its peak memory is its own: the child builds the
-inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs) and
-reports VmHWM - VmRSS around its first forward+backward (gradients and every temporary count as
-extra; the inputs do not). Time: median forward+backward over --reps runs in that child.
+Memory: every (method, B) runs once in a fresh subprocess, so its peak is its own: the child
+builds the inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs)
+and reports VmHWM - VmRSS around one forward+backward (gradients and every temporary count as
+extra; the inputs do not).
+Time: one more subprocess per B runs all methods round-robin (--reps rounds, the order rotating
+each round) and reports each method's median, so that every ratio compares runs made under the
+same machine load (this machine is shared: load varies by 2x within minutes).
 
 Methods (d = 512, float32, logit scale 100):
   fused          calrft_kernels.contrastive_loss(..., backend="cpu")
@@ -125,6 +128,29 @@ def child(method, B, d, reps):
                 seconds=timed[len(timed) // 2], extra_mib=(peak - base) / 1024)
 
 
+def child_times(methods, B, d, reps):
+    """Median forward+backward seconds of each method, run round-robin in this one process."""
+    steps = {}
+    for method in methods:
+        warm, warm_clear = _make_step(method, 256, d)
+        warm()
+        warm_clear()
+        step, clear = _make_step(method, B, d)
+        step()  # first run: page faults, allocator growth
+        clear()
+        steps[method] = (step, clear)
+    times = {m: [] for m in methods}
+    for r in range(reps):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            step, clear = steps[m]
+            t0 = time.perf_counter()
+            step()
+            times[m].append(time.perf_counter() - t0)
+            clear()
+    return {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+
+
 # ------------------------------------------------------------------------------------------
 # Parent side
 # ------------------------------------------------------------------------------------------
@@ -148,16 +174,39 @@ def run_child(method, B, d, reps, timeout):
 def measure(sizes, methods, d, reps, big_reps, limit_bytes, timeout):
     results = []
     for B in sizes:
+        runnable = []
         for method in methods:
             need = BYTES_PER_B2.get(method, 0) * B * B
-            if need > limit_bytes:
+            if need >= limit_bytes:
                 results.append(dict(method=method, B=B, skipped=f"needs ~{need / 2**30:.0f} GiB"))
                 print(f"  skip {method:14s} B={B}: needs ~{need / 2**30:.1f} GiB > limit", flush=True)
                 continue
-            r = run_child(method, B, d, reps if B <= 8192 else big_reps, timeout)
+            r = run_child(method, B, d, 1, timeout)  # memory (and one time sample)
             results.append(r)
             print("  ", json.dumps(r), flush=True)
+            if "seconds" in r:
+                runnable.append(method)
+        # All methods of this B in one process, round-robin: the times that the ratios use.
+        # Materialising methods run one at a time there, so the largest one must fit alone.
+        n = reps if B <= 8192 else big_reps
+        if len(runnable) > 1 and n > 0:
+            medians = run_times(runnable, B, d, n, timeout)
+            for r in results:
+                if r["B"] == B and r["method"] in medians:
+                    r.update(single_run_seconds=r["seconds"], seconds=medians[r["method"]], runs=n)
+            print("   round-robin medians:", json.dumps(medians), flush=True)
     return results
+
+
+def run_times(methods, B, d, reps, timeout):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-times", str(B), str(d), str(reps),
+           *methods]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        print("   round-robin timing failed:", out.stderr.strip().splitlines()[-1:], flush=True)
+        return {}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _get(results, method, B):
@@ -241,8 +290,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("none",))
     ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=5, help="runs per config for B <= 8192")
-    ap.add_argument("--big-reps", type=int, default=2, help="runs per config for B > 8192")
+    ap.add_argument("--reps", type=int, default=5, help="round-robin rounds for B <= 8192")
+    ap.add_argument("--big-reps", type=int, default=2,
+                    help="round-robin rounds for B > 8192 (0: the single memory run only)")
     ap.add_argument("--limit-gib", type=float, default=12.0,
                     help="skip configs whose estimated memory exceeds this (or 80%% of MemAvailable)")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -253,7 +303,12 @@ def main(argv=None):
                          "(use --sizes with no new measurement: --methods none)")
     ap.add_argument("--png", default=os.path.join(HERE, "contrastive_cpu.png"))
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "B", "D", "REPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-times", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child_times:
+        B, d, reps, *methods = args.child_times
+        print(json.dumps(child_times(methods, int(B), int(d), int(reps))))
+        return
     if args.child:
         method, B, d, reps = args.child
         print(json.dumps(child(method, int(B), int(d), int(reps))))

@@ -145,6 +145,16 @@ def test_teacher_dim_differs_and_tiles_span_threads(teacher_dim, dtype):
     check_backward(p, False, rows, cols)
 
 
+@pytest.mark.parametrize("with_cols", [True, False], ids=["cols", "rows_only"])
+@pytest.mark.parametrize("M,N", [(1, 70001), (3, 30000), (513, 2077)])
+def test_few_rows_against_many_columns(M, N, with_cols):
+    # The distributed shape (a rank's rows against the global batch). M = 1 with enough work
+    # for two threads gives fewer row panels than threads (one part in the backward schedule).
+    p = make_problem(M, N, 128, torch.float32, teacher_dim=16, seed=M)
+    rows, cols = check_forward(p, with_cols)
+    check_backward(p, with_cols, rows, cols)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("teacher_dim", [None, 3], ids=["plain", "teacher"])
 def test_scale_100_anti_aligned_stays_finite(teacher_dim, dtype):

@@ -51,6 +51,7 @@ struct Problem {
   double scale = 1, bias = 0, tscale = 1;
   bool teacher = false, with_cols = true;
   int64_t M = 0, N = 0, d = 0, rows = 1;  // rows = R: 1, or 3 with a teacher
+  int64_t macs_per_product() const { return M * N * (d + (teacher ? tq.size(1) : 0)); }
 };
 
 double read_scalar(const at::Tensor& t, const char* name) {
@@ -125,17 +126,26 @@ at::Tensor checked_stats(const at::Tensor& t, const char* name, const Problem& p
 // Work split: row panels, as many as needed to give every thread the same number of panels.
 
 struct Panels {
-  int64_t count, rows, total;
+  int64_t count, rows, total, threads;
+  // parallel_for grain that gives `threads` chunks (one chunk: runs inline, no thread wake-up).
+  int64_t grain() const { return ceil_div(count, threads); }
   int64_t begin(int64_t i) const { return i * rows; }
   int64_t size(int64_t i) const { return std::min(rows, total - i * rows); }
 };
 
-Panels plan_panels(int64_t M) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+// Below this many multiply-adds per call a single thread finishes in well under a millisecond,
+// less than waking (or, on a busy machine, waiting for) a second one.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 23;
+
+int64_t usable_threads(int64_t macs) {
+  return macs < kMinParallelMacs ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+Panels plan_panels(int64_t M, int64_t threads) {
   int64_t count = ceil_div(M, kMaxPanelRows);
   count = std::min(M, ceil_div(count, threads) * threads);
   const int64_t rows = ceil_div(M, count);
-  return {ceil_div(M, rows), rows, M};
+  return {ceil_div(M, rows), rows, M, threads};
 }
 
 // out[bm, bn] = alpha * a[bm, :] b[bn, :]^T (BLAS; single-threaded inside the parallel region).
@@ -343,11 +353,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p) {
   const auto opts = p.q.options();
   at::Tensor row_stats = at::empty({p.rows, p.M}, opts);
   at::Tensor col_stats = at::empty({p.rows, kCols ? p.N : 0}, opts);
-  const Panels panels = plan_panels(p.M);
+  const Panels panels = plan_panels(p.M, usable_threads(p.macs_per_product()));
   std::mutex done_mutex;
   std::vector<std::vector<T>> thread_cols;  // one [5, N] Running block per thread
 
-  at::parallel_for(0, panels.count, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, panels.count, panels.grain(), [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     ForwardScratch<T> w;
     w.s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
@@ -465,9 +475,8 @@ struct Schedule {
   int64_t block_begin(int64_t c) const { return tiles * c / parts * kTileCols; }
 };
 
-Schedule plan_schedule(int64_t M, int64_t N) {
-  const Panels panels = plan_panels(M);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+Schedule plan_schedule(int64_t M, int64_t N, int64_t threads) {
+  const Panels panels = plan_panels(M, threads);
   return {std::min(threads, panels.count), ceil_div(N, kTileCols), panels};
 }
 
@@ -483,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
   const at::Tensor col_shift = softmax_shifts(col_stats, p.bias, kTeacher).contiguous();
   const GradTerms<T> all_rows = grad_terms<T>(grad_row, row_shift, p.M);
   const GradTerms<T> all_cols = kCols ? grad_terms<T>(grad_col, col_shift, p.N) : GradTerms<T>{};
-  const Schedule plan = plan_schedule(p.M, p.N);
+  const Schedule plan = plan_schedule(p.M, p.N, usable_threads(p.macs_per_product() * 3));
 
   // Row group t of the panels against the columns [c0, c1).
   auto run_part = [&](int64_t t, int64_t c0, int64_t c1) {
