@@ -1,0 +1,187 @@
+"""Training-step time and peak memory of CaRot fine-tuning with the tiny model on this CPU:
+our fused CaRotLoss vs a naive open_clip-style CaRot loss (materialised B x B logits, teacher
+soft targets), split into student forward/backward, teacher forward and loss.
+
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_train_step.py --batches 256,1024,4096
+
+Timing: both losses run interleaved in one process, medians over --reps steps. Peak memory: each
+(loss, batch) runs a few steps in its own subprocess and reports the growth of peak RSS over the
+RSS after set-up (CPU tensors are invisible to tracemalloc/CUDA counters), for a whole step and
+for the loss alone on random features of the same shapes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from calrft import ema, models  # noqa: E402
+from calrft.ops import CaRotLoss  # noqa: E402
+
+
+def naive_carot_loss(img, txt, scale, *, visual_proj, text_proj, teacher_image_features,
+                     teacher_text_features, teacher_logit_scale, distill_weight=1.5, orth_weight=0.2,
+                     cross_weight=0.05):
+    """The official code's structure: logits materialised, CE both ways, teacher soft targets
+    materialised, soft CE both ways, plus the two projection terms (log_softmax, not log(softmax))."""
+    logits = scale * img @ txt.T
+    target = torch.arange(img.shape[0])
+    mcl = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    with torch.no_grad():
+        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+        p_row, p_col = t.softmax(1), t.T.softmax(1)
+    sd = (-(p_row * logits.log_softmax(1)).sum(1).mean() - (p_col * logits.T.log_softmax(1)).sum(1).mean())
+    eye = torch.eye(visual_proj.shape[1])
+    oc = torch.linalg.matrix_norm(visual_proj.T @ visual_proj - eye)
+    cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)
+    return mcl + distill_weight * sd + orth_weight * oc + cross_weight * cf
+
+
+def make_batch(batch, tokenizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=g)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    texts = tokenizer([f"a photo of the digit {words[i % 10]}." for i in range(batch)])
+    return images, texts
+
+
+def step(model, teacher, opt, loss_fn, images, texts):
+    """One training step; returns seconds of (student fwd+bwd, teacher fwd, loss fwd+bwd, total)."""
+    t0 = time.perf_counter()
+    img, txt, scale = model(images, texts)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        t_img, t_txt, t_scale = teacher(images, texts)
+    t2 = time.perf_counter()
+    # the loss runs on detached leaves so its backward is timed apart from the model's
+    li, lt, ls = (x.detach().requires_grad_() for x in (img, txt, scale))
+    loss = loss_fn(li, lt, ls, visual_proj=model.visual.proj, text_proj=model.text_projection,
+                   teacher_image_features=t_img, teacher_text_features=t_txt, teacher_logit_scale=t_scale)
+    loss.backward()
+    t3 = time.perf_counter()
+    torch.autograd.backward((img, txt, scale), (li.grad, lt.grad, ls.grad))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t4 = time.perf_counter()
+    return {"student": (t1 - t0) + (t4 - t3), "teacher": t2 - t1, "loss": t3 - t2, "total": t4 - t0}
+
+
+def setup(batch):
+    torch.manual_seed(0)
+    model, _, _, tokenizer = models.create(models.TINY)
+    teacher = ema.make_teacher(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    images, texts = make_batch(batch, tokenizer)
+    return model, teacher, opt, images, texts
+
+
+LOSSES = {"fused": CaRotLoss(), "naive": naive_carot_loss}
+
+
+def time_batch(batch, reps):
+    model, teacher, opt, images, texts = setup(batch)
+    rows = {name: [] for name in LOSSES}
+    for name, fn in LOSSES.items():  # warm-up
+        step(model, teacher, opt, fn, images, texts)
+    for _ in range(reps):
+        for name, fn in LOSSES.items():
+            rows[name].append(step(model, teacher, opt, fn, images, texts))
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+
+
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset the kernel's high-water mark (Linux >= 4.0), so that imports and set-up, whose
+    transient peak is above a small step's, do not hide the step's own peak; returns RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib():
+    return _status_mib("VmHWM")
+
+
+def peak_memory_child(kind, name, batch, steps):
+    """Growth of peak RSS over the RSS after set-up: a whole training step ("step"), or the loss's
+    forward+backward alone on random features of the same shapes ("loss")."""
+    if kind == "step":
+        model, teacher, opt, images, texts = setup(batch)
+        base = reset_peak_rss()
+        for _ in range(steps):
+            step(model, teacher, opt, LOSSES[name], images, texts)
+    else:
+        torch.manual_seed(0)
+        d = 64
+        feats = [F.normalize(torch.randn(batch, d), dim=1) for _ in range(4)]
+        img, txt = (f.requires_grad_() for f in feats[:2])
+        scale = torch.tensor(4.0, requires_grad=True)
+        wv, wt = torch.randn(96, d, requires_grad=True), torch.randn(64, d, requires_grad=True)
+        base = reset_peak_rss()
+        for _ in range(steps):
+            loss = LOSSES[name](img, txt, scale, visual_proj=wv, text_proj=wt, teacher_image_features=feats[2],
+                                teacher_text_features=feats[3], teacher_logit_scale=torch.tensor(4.0))
+            loss.backward()
+    print(json.dumps({"peak_growth_mib": peak_rss_mib() - base}))
+
+
+def peak_memory(kind, name, batch, steps=2):
+    out = subprocess.run([sys.executable, __file__, "--child", f"{kind}:{name}", "--batches", str(batch),
+                          "--reps", str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="256,1024,4096")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--memory-only", action="store_true", help="skip the timing")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        kind, name = args.child.split(":")
+        return peak_memory_child(kind, name, batches[0], args.reps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, reps={args.reps}")
+    header = ("| batch | loss | step ms | student fwd+bwd ms | teacher fwd ms | loss fwd+bwd ms | "
+              "loss share | step peak RSS growth MiB | loss peak RSS growth MiB |")
+    print(header + "\n" + "|---" * 9 + "|")
+    rows = []
+    for batch in batches:
+        reps = max(2, args.reps if batch <= 1024 else args.reps // 2)
+        timing = time_batch(batch, reps) if not args.memory_only else {
+            name: dict.fromkeys(("student", "teacher", "loss", "total"), float("nan")) for name in LOSSES}
+        for name in LOSSES:
+            t = timing[name]
+            mem, loss_mem = peak_memory("step", name, batch), peak_memory("loss", name, batch)
+            row = {"batch": batch, "loss": name, **{k: v * 1e3 for k, v in t.items()},
+                   "loss_share": t["loss"] / t["total"], "step_peak_rss_growth_mib": mem,
+                   "loss_peak_rss_growth_mib": loss_mem}
+            rows.append(row)
+            print(f"| {batch} | {name} | {row['total']:.1f} | {row['student']:.1f} | {row['teacher']:.1f} | "
+                  f"{row['loss']:.2f} | {row['loss_share']:.1%} | {mem:.1f} | {loss_mem:.1f} |", flush=True)
+        f, n = timing["fused"], timing["naive"]
+        print(f"|  | naive/fused | {n['total'] / f['total']:.2f}x |  |  | {n['loss'] / f['loss']:.1f}x |  |  |  |",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Datasets, the global-batch sampler and collation.
+
+Training sets yield (image, caption, label) with label -1 when unknown; evaluation sets yield
+(image, label) with labels as indices into the ID class list. Every per-sample random choice (the
+caption template, the training augmentation) is seeded by (seed, epoch, index), so a run gives
+the same batches whatever the worker count, the rank layout or a resume point."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import templates as templates_mod
+
+log = logging.getLogger("calrft.data")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# How far a training set looks past an unreadable image for a readable one (keeps batches full,
+# which a process-group loss needs: every rank must contribute the same number of rows).
+MAX_SUBSTITUTIONS = 16
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def load_image(path: str):
+    from PIL import Image
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def seeded_transform(transform, image, seed: int):
+    """Apply a (possibly random) torchvision transform with its randomness fixed by `seed`,
+    without disturbing the caller's global RNG."""
+    if transform is None:
+        return image
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+def class_name_from_folder(folder: str) -> str:
+    return folder.replace("_", " ").strip()
+
+
+def normalise_name(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+@dataclass
+class Skipped:
+    """An item that could not be read: reported by the collate function, never trained on."""
+    path: str
+    reason: str
+
+
+class _ReadableTrainSet(Dataset):
+    """Shared logic: substitute the next readable item for an unreadable one, and remember it."""
+    seed = 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _item(self, index: int, epoch: int):
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for offset in range(MAX_SUBSTITUTIONS):
+            j = (index + offset) % len(self)
+            try:
+                image, caption, label = self._item(j, epoch)
+                return image, caption, label, skipped
+            except Exception as exc:  # PIL raises many types for corrupt files
+                skipped.append(Skipped(self.paths[j], f"{type(exc).__name__}: {exc}"))
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable images in a row from {self.paths[index]}")
+
+
+class CsvCaptions(_ReadableTrainSet):
+    """CSV/TSV of image path and caption (the FLYP/CaRot format: columns filepath, title,
+    tab-separated). Relative paths are resolved against the CSV's folder. An optional label
+    column gives class indices (used by --method ft and supervised targets)."""
+
+    def __init__(self, path, transform=None, image_key="filepath", caption_key="title",
+                 label_key=None, sep=None, seed=0):
+        if not os.path.isfile(path):
+            raise ValueError(f"path: no such CSV file {path!r}")
+        with open(path, newline="") as f:
+            head = f.readline()
+            sep = sep or ("\t" if "\t" in head else ",")
+            f.seek(0)
+            rows = list(csv.DictReader(f, delimiter=sep))
+        if not rows:
+            raise ValueError(f"path: {path!r} has no rows")
+        for key in (image_key, caption_key) + ((label_key,) if label_key else ()):
+            if key not in rows[0]:
+                raise ValueError(f"{path}: missing column {key!r} (have {list(rows[0])})")
+        base = os.path.dirname(os.path.abspath(path))
+        self.paths = [os.path.join(base, r[image_key]) for r in rows]
+        self.captions = [r[caption_key] for r in rows]
+        self.labels = [int(r[label_key]) for r in rows] if label_key else [-1] * len(rows)
+        self.transform, self.seed = transform, seed
+
+    def _item(self, index, epoch):
+        image = load_image(self.paths[index])
+        image = seeded_transform(self.transform, image, sample_seed(self.seed, epoch, index))
+        return image, self.captions[index], self.labels[index]
+
+
+def scan_image_folder(root: str):
+    """(class folder names sorted, [(path, class position)]) of an ImageFolder-style tree."""
+    if not os.path.isdir(root):
+        raise ValueError(f"root: no such folder {root!r}")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise ValueError(f"root: {root!r} has no class folders")
+    items = []
+    for position, folder in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, folder))):
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.join(dirpath, name), position))
+    return classes, items
+
+
+class ImageFolderCaptions(_ReadableTrainSet):
+    """ImageFolder tree; captions = a prompt template (chosen per sample and epoch) filled with
+    the class name (folder name, underscores as spaces)."""
+
+    def __init__(self, root, transform=None, templates="openai", seed=0):
+        folders, items = scan_image_folder(root)
+        self.classnames = [class_name_from_folder(c) for c in folders]
+        self.paths = [p for p, _ in items]
+        self.labels = [c for _, c in items]
+        self.templates = templates_mod.get(templates)
+        self.transform, self.seed = transform, seed
+
+    def _item(self, index, epoch):
+        s = sample_seed(self.seed, epoch, index)
+        template = self.templates[s % len(self.templates)]
+        image = seeded_transform(self.transform, load_image(self.paths[index]), s)
+        label = self.labels[index]
+        return image, template.format(self.classnames[label]), label
+
+
+class ImageFolderEval(Dataset):
+    """An evaluation tree whose class folders map by name onto (a subset of) the ID classes, as
+    ImageNet-R/-A use 200 of ImageNet's 1000. `class_indices` lists the ID classes present, in
+    the order of this set's folders; labels are ID class indices."""
+
+    def __init__(self, root, transform, id_classnames):
+        folders, items = scan_image_folder(root)
+        lookup = {normalise_name(c): i for i, c in enumerate(id_classnames)}
+        missing = [f for f in folders if normalise_name(class_name_from_folder(f)) not in lookup]
+        if missing:
+            raise ValueError(f"{root}: class folders {missing[:5]} match no ID class name")
+        self.class_indices = [lookup[normalise_name(class_name_from_folder(f))] for f in folders]
+        self.paths = [p for p, _ in items]
+        self.labels = [self.class_indices[c] for _, c in items]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = self.transform(load_image(self.paths[index]))
+        except Exception as exc:
+            return Skipped(self.paths[index], f"{type(exc).__name__}: {exc}")
+        return image, self.labels[index]
+
+
+class TensorCaptions(Dataset):
+    """In-memory images [N, 3, H, W] (already preprocessed) with class labels; captions from
+    templates, chosen per sample and epoch (the embedded benchmark uses it)."""
+
+    def __init__(self, images, labels, classnames, templates="short", seed=0):
+        self.images, self.labels = images, labels.long()
+        self.classnames, self.templates = list(classnames), templates_mod.get(templates)
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        s = sample_seed(self.seed, epoch, index)
+        label = int(self.labels[index])
+        caption = self.templates[s % len(self.templates)].format(self.classnames[label])
+        return self.images[index], caption, label, []
+
+
+class TensorEval(Dataset):
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+
+@dataclass
+class EvalSet:
+    """A named evaluation set; class_indices: the ID classes it covers (None = all)."""
+    name: str
+    dataset: Dataset
+    class_indices: list | None = None
+    skipped: list = field(default_factory=list)
+
+
+class GlobalBatchSampler:
+    """Yields, for each step, this rank's share of a global batch.
+
+    Epoch e uses a permutation seeded by (seed, e); global batch t is perm[t*B:(t+1)*B] and rank r
+    takes rows [r*b:(r+1)*b] of it (b = B / world). So a world of k processes sees exactly the rows
+    - in the same order, once gathered - of one process with batch B, and resuming at a step skips
+    nothing and repeats nothing. Incomplete last batches are dropped."""
+
+    def __init__(self, n, global_batch, rank=0, world=1, seed=0, epoch=0, start_step=0):
+        if global_batch % world:
+            raise ValueError(f"global_batch: {global_batch} is not divisible by the world size {world}")
+        if n < global_batch:
+            raise ValueError(f"global_batch: {global_batch} exceeds the dataset size {n}")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.local = global_batch // world
+
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __len__(self):
+        return self.steps_per_epoch() - self.start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 % 2**31))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for t in range(self.start_step, self.steps_per_epoch()):
+            lo = t * self.global_batch + self.rank * self.local
+            yield [(i, self.epoch) for i in perm[lo:lo + self.local]]
+
+
+class CaptionCollate:
+    """Stack images, tokenise captions; pass along what was skipped."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        images = torch.stack([it[0] for it in items])
+        tokens = self.tokenizer([it[1] for it in items])
+        labels = torch.tensor([it[2] for it in items])
+        skipped = [s for it in items for s in it[3]]
+        return {"images": images, "texts": tokens, "labels": labels, "skipped": skipped}
+
+
+def eval_collate(items):
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    images = torch.stack([it[0] for it in good]) if good else torch.empty(0)
+    labels = torch.tensor([it[1] for it in good], dtype=torch.long)
+    return {"images": images, "labels": labels, "skipped": skipped}
+
+
+def train_loader(dataset, tokenizer, sampler, workers=2):
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                      collate_fn=CaptionCollate(tokenizer), persistent_workers=False)
+
+
+def eval_loader(dataset, batch_size=256, workers=2, indices=None):
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=eval_collate)
+
+
+def report_skipped(skipped, seen: set | None = None, logger=log):
+    """Log each unreadable file once."""
+    for s in skipped:
+        if seen is not None:
+            if s.path in seen:
+                continue
+            seen.add(s.path)
+        logger.warning("skipped unreadable image %s (%s)", s.path, s.reason)

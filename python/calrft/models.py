@@ -1,0 +1,67 @@
+"""Model creation: any open_clip architecture, plus the project's tiny one for CPU runs and tests.
+
+The tiny architecture is a real open_clip CLIP (ViT image tower with `visual.proj`, transformer
+text tower with `text_projection`), registered through open_clip's model-config registry so that
+`open_clip.create_model("calrft-tiny")` works like any built-in name."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+TINY = "calrft-tiny"
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+def register_tiny_architecture() -> None:
+    """Make calrft-tiny known to open_clip (idempotent)."""
+    if TINY not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+register_tiny_architecture()
+
+
+def tiny_config() -> dict:
+    import json
+    return json.loads((_CONFIG_DIR / f"{TINY}.json").read_text())
+
+
+def create(model_name: str, pretrained: str | None = None, device="cpu", cache_dir=None):
+    """(model, train_transform, eval_transform, tokenizer) for an open_clip architecture.
+
+    `pretrained` is an open_clip tag (needs the network) or a local checkpoint path: an
+    open_clip/OpenAI weight file, or a calrft checkpoint (its "state_dict" entry is what open_clip
+    reads). None or "" means random initialisation."""
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"model_name: unknown open_clip architecture {model_name!r}")
+    if pretrained and os.sep not in pretrained and not os.path.exists(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ValueError(f"pretrained: {pretrained!r} is neither a file nor one of the open_clip "
+                             f"tags for {model_name} ({', '.join(tags) or 'none'})")
+    elif pretrained and not os.path.exists(pretrained):
+        raise ValueError(f"pretrained: no such file {pretrained!r}")
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, train_tf, eval_tf, tokenizer
+
+
+def visual_projection(model) -> torch.Tensor | None:
+    """W_v, the last linear map of the image tower (open_clip ViTs: visual.proj)."""
+    return getattr(getattr(model, "visual", None), "proj", None)
+
+
+def text_projection(model) -> torch.Tensor | None:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.weight.T
+    return proj
+
+
+def unwrap(model):
+    """The open_clip model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,4 @@
+"""The fused ops the trainer composes, from calrft_kernels (one import site, so call sites use the
+api.md names and nothing here re-implements them). covariance_sigma_min enters through CaRotLoss
+(its sigma_min_weight regulariser)."""
+from calrft_kernels import CaRotLoss, CovarianceAccumulator, contrastive_loss  # noqa: F401

@@ -1,0 +1,299 @@
+"""The training loop: CaRot / FLYP / FT fine-tuning of an open_clip model, on one process or
+many (torchrun + DDP)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, dist, ema, models, report
+from . import evaluate as ev
+from . import templates as templates_mod
+from .config import TrainConfig
+from .ops import CaRotLoss, contrastive_loss
+
+log = logging.getLogger("calrft.train")
+
+
+def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def no_decay(name: str, param) -> bool:
+    """logit_scale, biases, norms (and other 1-d parameters) get no weight decay."""
+    return param.ndim < 2 or "logit_scale" in name or "bias" in name or ".ln" in name or "norm" in name
+
+
+def make_optimizer(module, lr, weight_decay):
+    decay, plain = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": plain, "weight_decay": 0.0}], lr=lr)
+
+
+class FTClassifier(torch.nn.Module):
+    """--method ft: the image tower and a linear head initialised from the zero-shot head,
+    trained with cross-entropy; logits = exp(logit_scale) * f @ W^T."""
+
+    def __init__(self, clip, head):
+        super().__init__()
+        self.clip = clip
+        self.head = torch.nn.Parameter(head.clone())
+        # Only the image tower, the scale and the head train; the text tower is not used.
+        for name, p in clip.named_parameters():
+            if not name.startswith("visual.") and name != "logit_scale":
+                p.requires_grad_(False)
+
+    def forward(self, images):
+        feats = self.clip.encode_image(images, normalize=True)
+        return self.clip.logit_scale.exp() * feats @ self.head.T
+
+    def classify(self, feats):
+        return self.clip.logit_scale.exp().float() * feats.float() @ self.head.float().T
+
+
+def build_data(cfg: TrainConfig, train_tf, eval_tf):
+    """(train set, eval sets, ID class names) from the configured files."""
+    templates = templates_mod.get(cfg.templates)
+    classnames = None
+    if cfg.train_folder:
+        train_set = data.ImageFolderCaptions(cfg.train_folder, train_tf, templates, cfg.seed)
+        classnames = train_set.classnames
+    elif cfg.train_csv:
+        train_set = data.CsvCaptions(cfg.train_csv, train_tf, cfg.csv_image_key, cfg.csv_caption_key,
+                                     cfg.csv_label_key, seed=cfg.seed)
+    else:
+        train_set = None
+    if cfg.classnames:
+        with open(cfg.classnames) as f:
+            classnames = [line.strip() for line in f if line.strip()]
+    eval_sets = []
+    if cfg.id_eval or cfg.ood_eval:
+        if classnames is None:
+            raise ValueError("classnames: evaluation needs class names (--train-folder or --classnames)")
+        for k, spec in enumerate(([cfg.id_eval] if cfg.id_eval else []) + list(cfg.ood_eval)):
+            name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+            name = name or ("id" if (k == 0 and cfg.id_eval) else Path(path.rstrip("/")).name)
+            ds = data.ImageFolderEval(path, eval_tf, classnames)
+            subset = None if sorted(ds.class_indices) == list(range(len(classnames))) else ds.class_indices
+            eval_sets.append(data.EvalSet(name, ds, subset))
+    return train_set, eval_sets, classnames
+
+
+class JsonLog:
+    """Structured log: one JSON object a line, written by rank 0."""
+
+    def __init__(self, path):
+        self.path = Path(path) if dist.is_main() else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, train_set=None,
+                 eval_sets=None, classnames=None):
+        self.cfg = cfg.validate()
+        self.device = dist.init_from_env(cfg.device)
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model, train_tf, eval_tf, tokenizer = models.create(cfg.model, cfg.pretrained, "cpu",
+                                                                cfg.cache_dir)
+            train_set, eval_sets, classnames = build_data(cfg, train_tf, eval_tf)
+        if train_set is None:
+            raise ValueError("train data: give --train-csv or --train-folder")
+        self.clip, self.tokenizer = model.to(self.device), tokenizer
+        self.train_set, self.eval_sets = train_set, eval_sets or []
+        self.classnames = classnames
+        self.templates = templates_mod.get(cfg.templates)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.group = torch.distributed.group.WORLD if self.world > 1 else None
+
+        self.student = self.clip
+        if cfg.method == "ft":
+            if classnames is None:
+                raise ValueError("method: ft needs class names for its zero-shot-initialised head")
+            head = ev.zeroshot_head(self.clip, tokenizer, classnames, self.templates, self.device)
+            self.student = FTClassifier(self.clip, head).to(self.device)
+        self.teacher = None
+        if cfg.method == "carot" and cfg.distill_weight > 0:
+            self.teacher = ema.make_teacher(self.clip)
+        self.wrapped = self.student
+        if self.world > 1:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device] if str(self.device).startswith("cuda") else None)
+        self.loss_fn = None
+        if cfg.method == "carot":
+            self.loss_fn = CaRotLoss(cfg.distill_weight, cfg.orth_weight, cfg.cross_weight,
+                                     cfg.sigma_min_weight, **self._group_kwargs())
+
+        self.sampler_args = dict(n=len(train_set), global_batch=cfg.batch_size, rank=self.rank,
+                                 world=self.world, seed=cfg.seed)
+        self.steps_per_epoch = data.GlobalBatchSampler(**self.sampler_args).steps_per_epoch()
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(self.student, cfg.lr, cfg.weight_decay)
+        warmup = min(cfg.warmup, max(0, self.total_steps - 1))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_lr(s, self.total_steps, 1.0, warmup) if warmup else
+            cosine_lr(s, self.total_steps, 1.0, 0))
+        self.ema_schedule = ema.EmaSchedule(self.total_steps, cfg.ema_start, cfg.ema_end,
+                                            cfg.ema_warmup, cfg.ema_every)
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.log = JsonLog(self.out / "log.jsonl")
+        self.seen_bad = set()
+        if cfg.resume:
+            self.load(cfg.resume)
+
+    def _group_kwargs(self):
+        """CaRotLoss takes the process group that makes its contrastive part global."""
+        return {"process_group": self.group} if self.group is not None else {}
+
+    # ---- checkpoints ----
+    def save(self, path=None):
+        if not dist.is_main():
+            return
+        extra = {"ft_head": self.student.head.detach()} if self.cfg.method == "ft" else {}
+        checkpoint.save(path or self.out / "checkpoint.pt", model=self.clip, teacher=self.teacher,
+                        optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
+                        config=self.cfg.to_dict(), extra=extra)
+
+    def load(self, path):
+        state = checkpoint.load(path, self.device)
+        self.clip.load_state_dict(state["state_dict"])
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+        if "ft_head" in state:
+            with torch.no_grad():
+                self.student.head.copy_(state["ft_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        checkpoint.set_rng_state(state["rng"])
+
+    # ---- one step ----
+    def autocast(self):
+        return ev.autocast(self.device)
+
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device)
+        cfg = self.cfg
+        if cfg.method == "ft":
+            with self.autocast():
+                logits = self.wrapped(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            return loss, {"ce": loss.item()}
+        texts = batch["texts"].to(self.device, non_blocking=True)
+        targets = labels if cfg.supervised_targets else None
+        with self.autocast():
+            img, txt, scale = self.wrapped(images, texts)[:3]
+        if cfg.method == "flyp":
+            loss = contrastive_loss(img, txt, scale, labels=targets, process_group=self.group)
+            return loss, {"contrastive": loss.item()}
+        teacher = {}
+        if self.teacher is not None and self.step > 0:
+            with torch.no_grad(), self.autocast():
+                t_img, t_txt, t_scale = self.teacher(images, texts)[:3]
+            teacher = dict(teacher_image_features=t_img, teacher_text_features=t_txt,
+                           teacher_logit_scale=t_scale)
+        out = self.loss_fn(img, txt, scale, visual_proj=models.visual_projection(self.clip),
+                           text_proj=models.text_projection(self.clip), labels=targets,
+                           output_dict=True, **teacher)
+        terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+        return out["total"], terms
+
+    def train_step(self, batch) -> dict:
+        self.student.train()
+        loss, terms = self.compute_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.teacher is not None and self.ema_schedule.should_update(self.step):
+            momentum = self.ema_schedule.momentum(self.step)
+            ema.ema_update(self.teacher, self.clip, momentum)
+            terms["ema_momentum"] = momentum
+        terms["loss"] = loss.item()
+        return terms
+
+    # ---- evaluation ----
+    def classifier(self):
+        if self.cfg.method == "ft":
+            return self.student.classify
+        return ev.ZeroShotClassifier(self.clip, self.tokenizer, self.classnames, self.templates,
+                                     self.device)
+
+    def evaluate(self):
+        if not self.eval_sets:
+            return None
+        result = ev.evaluate(self.clip, self.classifier(), self.eval_sets, self.device,
+                             self.cfg.eval_batch_size, self.cfg.workers)
+        self.log.write(step=self.step, eval=ev.public(result))
+        return result
+
+    # ---- the loop ----
+    def fit(self):
+        cfg = self.cfg
+        from tqdm import tqdm
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True,
+                   disable=not (cfg.progress and dist.is_main()), leave=False)
+        result, stop = None, cfg.stop_after
+        eval_every = cfg.eval_every or self.steps_per_epoch
+        save_every = cfg.save_every or self.steps_per_epoch
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            sampler = data.GlobalBatchSampler(**self.sampler_args, epoch=epoch, start_step=start)
+            loader = data.train_loader(self.train_set, self.tokenizer, sampler, cfg.workers)
+            for batch in loader:
+                data.report_skipped(batch["skipped"], self.seen_bad)
+                t0 = time.perf_counter()
+                terms = self.train_step(batch)
+                rate = cfg.batch_size / max(1e-9, time.perf_counter() - t0)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+                bar.update()
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate, **terms)
+                if self.step == self.total_steps or (stop is not None and self.step >= stop):
+                    break
+                if self.step % save_every == 0:
+                    self.save()
+                if self.step % eval_every == 0:
+                    result = self.evaluate()
+            if stop is not None and self.step >= stop and self.step < self.total_steps:
+                self.save()
+                bar.close()
+                return None
+        bar.close()
+        self.save()
+        result = self.evaluate()
+        return result
+
+
+def run(cfg: TrainConfig, **inject) -> dict | None:
+    """Train, evaluate, and write results.json, the report and plots into cfg.out."""
+    trainer = Trainer(cfg, **inject)
+    result = trainer.fit()
+    if result is not None and dist.is_main():
+        report.write_all(cfg.out, {cfg.method: result}, cfg.to_dict())
+    return result
