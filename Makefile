@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/calrft demo --quick --out out/demo
+	$(VENV)/bin/calrft demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
