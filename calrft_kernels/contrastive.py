@@ -107,8 +107,10 @@ def _stats_backward(ctx, grad_row, grad_col):
     dscale = torch.vdot(q.reshape(-1).to(dq_u.dtype), dq_u.reshape(-1)).to(scale.dtype)
     dq = dq_u.mul_(scale).to(q.dtype)
     dk = dk_u.mul_(scale).to(k.dtype)
-    used = [0] if tq is None else [0, 2]
-    dbias = (grad_row[used].sum() + grad_col[used].sum()).to(bias.dtype)
+    dbias = grad_row[0].sum() + grad_col[0].sum()
+    if tq is not None:  # statistic 2 (teacher-weighted S) also moves with the bias
+        dbias = dbias + grad_row[2].sum() + grad_col[2].sum()
+    dbias = dbias.to(bias.dtype)
     return dq, dk, dscale, dbias, None, None, None, None, None
 
 

@@ -7,9 +7,10 @@ B = 65536, d = 512 / 1024, bf16 / fp32. Imports without a GPU; needs one to run.
 """
 from __future__ import annotations
 
-import statistics
 
 import torch
+
+from ._timing import cuda_median_ms
 
 CHECK_SIZES = [(1, 3), (97, 130), (4099, 257), (65536, 512)]
 TIMED_SIZES = [(65536, 512), (65536, 1024)]
@@ -52,21 +53,6 @@ def _kernels():
     return found, notes
 
 
-def _median_ms(fn, warmup=3, reps=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _row(config, check, ms=None, tflops=None, note=""):
     return {"op": "batch_covariance", "config": config, "check": check, "ms": ms,
             "tflops": tflops, "note": note}
@@ -101,7 +87,7 @@ def _timings(kernels, n_rows, n_cols, dtype_name):
     for name, call in candidates.items():
         config = f"{name} B={n_rows} d={n_cols} {dtype_name}"
         try:
-            times[name] = _median_ms(call)
+            times[name] = cuda_median_ms(call, warmup=3)
             rows.append(_row(config, "timed (median of 20)", times[name],
                              flops / times[name] / 1e9, "tflops = 2 B d^2 / time"))
         except Exception as exc:

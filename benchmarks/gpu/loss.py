@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import time
 
+from ._timing import cuda_median_ms as _events_ms
+
 TIMED_B = (4096, 16384, 32768, 65536)
 TIMED_D = (512, 768)
 CHECK_SIZES = ((257, 1031, 513), (1000, 999, 64))  # (M, N, d): non-multiples of every tile
@@ -76,22 +78,6 @@ def _public_op():
         return contrastive_loss
     except ImportError:
         return None
-
-
-def _events_ms(fn, reps):
-    import torch
-    fn()  # warm-up (compiles / autotunes on first use)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _max_rel(got, want):

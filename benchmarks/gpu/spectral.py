@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from ._timing import cuda_median_ms as _time_ms
+
 
 def _matrix(d, kappa, device, seed=0):
     import torch
@@ -13,22 +15,6 @@ def _matrix(d, kappa, device, seed=0):
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
     a = (q * torch.logspace(-math.log10(kappa), 0, d, dtype=torch.float64)) @ q.T
     return ((a + a.T) / 2).to(device)
-
-
-def _time_ms(fn, reps=20):
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _row(op, config, err, ms, note="", limit=1e-4):
@@ -41,6 +27,9 @@ def run() -> list[dict]:
     import torch
     from calrft_kernels import _backend
     from calrft_kernels.spectral import covariance_sigma_min, smallest_eigenvalue
+    if not torch.cuda.is_available():
+        return [{"op": "smallest_eigenvalue", "config": "-", "check": "UNRUN: no CUDA device",
+                 "ms": None, "tflops": None, "note": ""}]
     rows = []
     dev = torch.device("cuda")
     native = _backend.cuda_native_usable(dev, "smallest_eig_cuda")

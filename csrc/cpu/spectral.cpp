@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/registry.h"
+#include "common/davidson_blocks.h"
 #include "common/spectral_math.h"
 
 namespace calrft {
@@ -117,23 +118,8 @@ bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor
   return false;
 }
 
-// Orthonormalise W against the first m columns of V (classical Gram-Schmidt twice), then
-// within itself (Householder QR), then once more against V (QR of a nearly dependent block can
-// mix V back in).
-at::Tensor orthonormal_extension(const at::Tensor& v, const at::Tensor& w_in) {
-  at::Tensor w = w_in;
-  for (int pass = 0; pass < 2; ++pass) w = w - at::mm(v, at::mm(v.t(), w));
-  w = std::get<0>(at::linalg_qr(w));
-  w = w - at::mm(v, at::mm(v.t(), w));
-  return std::get<0>(at::linalg_qr(w));
-}
-
-// (L L^T)^-1 R with two fp32 triangular solves: 2.5-3x faster here than at::cholesky_solve,
-// which copies the factor into LAPACK's layout on every call.
-at::Tensor precondition(const at::Tensor& factor, const at::Tensor& r) {
-  at::Tensor y = at::linalg_solve_triangular(factor, r.to(at::kFloat), /*upper=*/false);
-  return at::linalg_solve_triangular(factor.t(), y, /*upper=*/true).to(at::kDouble);
-}
+using davidson_blocks::orthonormal_extension;
+using davidson_blocks::precondition;
 
 // Runs the Davidson solve on one thread. Every step is ~15 small BLAS/LAPACK calls (d x 8
 // blocks, a 48 x 48 eigh); with 2 threads each forks and joins a team, and on a shared host a

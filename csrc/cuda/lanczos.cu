@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/registry.h"
+#include "common/davidson_blocks.h"
 #include "common/spectral_math.h"
 
 namespace calrft {
@@ -140,19 +141,8 @@ __global__ void ritz_test_kernel(const double* theta, int m, const double* rtw, 
   if (threadIdx.x == 0 && ok) *done = 1;
 }
 
-at::Tensor orthonormal_extension(const at::Tensor& v, const at::Tensor& w_in) {
-  at::Tensor w = w_in;
-  for (int pass = 0; pass < 2; ++pass) w = w - at::mm(v, at::mm(v.t(), w));
-  w = std::get<0>(at::linalg_qr(w));
-  w = w - at::mm(v, at::mm(v.t(), w));
-  return std::get<0>(at::linalg_qr(w));
-}
-
-at::Tensor precondition(const at::Tensor& factor, const at::Tensor& r) {
-  // (L L^T)^-1 r with two triangular solves (cuBLAS trsm; no info check, so no sync)
-  at::Tensor y = at::linalg_solve_triangular(factor, r.to(at::kFloat), /*upper=*/false);
-  return at::linalg_solve_triangular(factor.t(), y, /*upper=*/true).to(at::kDouble);
-}
+using davidson_blocks::orthonormal_extension;
+using davidson_blocks::precondition;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
     const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor_in, double delta,
