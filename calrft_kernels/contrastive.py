@@ -30,8 +30,9 @@ def _n_stats(tq: Optional[Tensor]) -> int:
     return 1 if tq is None else 3
 
 
-def _stats_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and gradients accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _plain(*tensors):
@@ -64,7 +65,7 @@ def contrastive_stats(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, tq: Opt
 
 @contrastive_stats.register_fake
 def _(q, k, scale, bias, tq, tk, tscale, with_cols, backend):
-    r, dtype = _n_stats(tq), _stats_dtype(q)
+    r, dtype = _n_stats(tq), _stats_dtype(q.dtype)
     cols = k.shape[0] if with_cols else 0
     return q.new_empty((r, q.shape[0]), dtype=dtype), q.new_empty((r, cols), dtype=dtype)
 
@@ -84,7 +85,7 @@ def contrastive_stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k:
 @contrastive_stats_backward.register_fake
 def _(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats, col_stats, with_cols,
       backend):
-    dtype = _stats_dtype(q)
+    dtype = _stats_dtype(q.dtype)
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
@@ -245,7 +246,7 @@ def _contrastive_terms(image: Tensor, text: Tensor, image_all: Tensor, text_all:
     """{"contrastive": MCL, "distillation": SD or None} for the local rows image/text (which
     start at `offset` of image_all/text_all). Single process: image is image_all, offset 0."""
     kdtype = _kernel_dtype(image, backend)
-    sdtype = _stats_dtype(image.to(kdtype) if kdtype != image.dtype else image)
+    sdtype = _stats_dtype(kdtype)
     device = image.device
     scale_t = _as_scalar_tensor(scale, sdtype, device)
     bias_t = _as_scalar_tensor(0.0 if bias is None else bias, sdtype, device)
