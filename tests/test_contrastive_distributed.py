@@ -100,7 +100,10 @@ def spawn(tmp_path):
         p.start()
     for p in procs:
         p.join(timeout=300)
-        assert p.exitcode == 0, f"a rank exited with {p.exitcode}"
+    codes = [p.exitcode for p in procs]
+    missing = [r for r in range(WORLD) if not os.path.exists(os.path.join(tmp_path, f"rank{r}.pt"))]
+    if codes != [0] * WORLD or missing:
+        return f"exit codes {codes}, no result from ranks {missing}"
     results = {r: torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False)
                for r in range(WORLD)}
     for rank, (first, *_) in results.items():
@@ -110,8 +113,16 @@ def spawn(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    """One pair of processes computes every case below (spawning costs more than the cases)."""
-    return spawn(str(tmp_path_factory.mktemp("dist")))
+    """One pair of processes computes every case below (spawning costs more than the cases).
+    A pair whose processes die before reporting (gloo's rendezvous has been seen to drop a
+    connection once on this loaded 2-core machine) is started once more; errors raised inside a
+    rank are never retried, and a second crash fails the tests with both reasons."""
+    first = spawn(str(tmp_path_factory.mktemp("dist")))
+    if not isinstance(first, str):
+        return first
+    second = spawn(str(tmp_path_factory.mktemp("dist_retry")))
+    assert not isinstance(second, str), f"two gloo pairs crashed: {first}; then {second}"
+    return second
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

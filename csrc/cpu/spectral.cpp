@@ -118,8 +118,8 @@ bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor
   return false;
 }
 
-using davidson_blocks::orthonormal_extension;
 using davidson_blocks::precondition;
+using davidson_blocks::update_basis;
 
 // Runs the Davidson solve on one thread. Every step is ~15 small BLAS/LAPACK calls (d x 8
 // blocks, a 48 x 48 eigh); with 2 threads each forks and joins a team, and on a shared host a
@@ -210,19 +210,7 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
     }
     if (worst <= tol || m == d) { out.converged = (worst <= tol) || m == d; break; }
     if (it >= max_iter) break;
-    if (m + blk > mmax) {  // thick restart on the `keep` lowest Ritz vectors
-      at::Tensor Yk = Y.narrow(1, 0, keep);
-      at::Tensor nv = at::mm(Vm, Yk), nav = at::mm(AVm, Yk);
-      V.narrow(1, 0, keep).copy_(nv);
-      AV.narrow(1, 0, keep).copy_(nav);
-      m = keep;
-      Vm = V.narrow(1, 0, m);
-    }
-    const int64_t add = std::min(blk, d - m);
-    at::Tensor Wn = orthonormal_extension(Vm, W.narrow(1, 0, add));
-    V.narrow(1, m, add).copy_(Wn);
-    AV.narrow(1, m, add).copy_(at::mm(a, Wn));
-    m += add;
+    m = update_basis(a, V, AV, m, Y, W, blk, keep);
   }
   const int64_t k = std::min<int64_t>(nev, X.size(1));
   out.values = at::from_blob(theta.data(), {k}, at::kDouble).clone();

@@ -141,8 +141,8 @@ __global__ void ritz_test_kernel(const double* theta, int m, const double* rtw, 
   if (threadIdx.x == 0 && ok) *done = 1;
 }
 
-using davidson_blocks::orthonormal_extension;
 using davidson_blocks::precondition;
+using davidson_blocks::update_basis;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
     const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor_in, double delta,
@@ -219,19 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
       AT_CUDA_CHECK(cudaStreamSynchronize(stream));
       if (done_host.item<int>()) break;
     }
-    if (m + blk > mmax) {  // thick restart (data-independent schedule)
-      at::Tensor Yk = Ym.narrow(1, 0, keep);
-      at::Tensor nv = at::mm(Vm, Yk), nav = at::mm(AVm, Yk);
-      V.narrow(1, 0, keep).copy_(nv);
-      AV.narrow(1, 0, keep).copy_(nav);
-      m = keep;
-      Vm = V.narrow(1, 0, m);
-    }
-    const int64_t add = std::min(blk, d - m);
-    at::Tensor Wn = orthonormal_extension(Vm, W.narrow(1, 0, add));
-    V.narrow(1, m, add).copy_(Wn);
-    AV.narrow(1, m, add).copy_(at::mm(a, Wn));
-    m += add;
+    m = update_basis(a, V, AV, m, Ym, W, blk, keep);
   }
   vectors = vectors / vectors.norm(2, {0}, true);
   return {values, vectors, factor, stats.cpu()};
