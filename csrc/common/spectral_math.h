@@ -6,11 +6,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define CALRFT_HD __host__ __device__ __forceinline__
-#else
-#define CALRFT_HD inline
-#endif
+#include "hd.h"
 
 namespace calrft::spectral {
 

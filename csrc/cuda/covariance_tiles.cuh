@@ -8,11 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define CALRFT_HD __host__ __device__ __forceinline__
-#else
-#define CALRFT_HD inline
-#endif
+#include "../common/hd.h"
 
 namespace calrft {
 namespace covariance {
