@@ -207,14 +207,16 @@ def _solver_kind(device) -> str:
     return "dense"
 
 
-def _symmetrized64(a: Tensor) -> Tensor:
-    """(a + a^T) / 2 in fp64, contiguous. On CPU a native single-thread loop: the ATen
-    expression reads one operand transposed (20 ms at d = 512 on a loaded 2-core host)."""
-    native = _backend.native()[0]
-    if a.device.type == "cpu" and native is not None and hasattr(native, "symmetrize_cpu"):
-        return native.symmetrize_cpu(a)
+def _lower_symmetric64(a: Tensor) -> Tensor:
+    """The symmetric fp64 matrix of a's lower triangle, whole (the CUDA solver multiplies by it;
+    the CPU solver and eigh read the lower triangle in place)."""
     a64 = a.to(torch.float64)
-    return ((a64 + a64.T) * 0.5).contiguous()
+    return (a64.tril() + a64.tril(-1).T).contiguous()
+
+
+def _check_finite_lower(name: str, a: Tensor) -> None:
+    if not bool(torch.isfinite(a.tril()).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
 
 
 def _dense_smallest(a64: Tensor, nev: int):
@@ -222,19 +224,26 @@ def _dense_smallest(a64: Tensor, nev: int):
     return w[:nev].clone(), v[:, :nev].clone()
 
 
-def _solve(a64: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: float, nev: int,
-           tol: float, max_iter: Optional[int], method: str):
-    """Smallest `nev` eigenpairs of the fp64 symmetric matrix a64 -> (values, vectors, factor,
-    stats [iterations, converged, delta, estimate, fallback]). Never raises on non-convergence."""
-    d = a64.shape[0]
+def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: float, nev: int,
+           tol: float, max_iter: Optional[int], method: str, name: str = "matrix"):
+    """Smallest `nev` eigenpairs of the symmetric matrix whose lower triangle is a's (the upper
+    triangle is not read, as in torch.linalg.eigh) -> (values, vectors, factor, stats
+    [iterations, converged, delta, estimate, fallback]). Raises ValueError naming `name` if the
+    lower triangle holds a NaN or infinity; never raises on non-convergence."""
+    d = a.shape[0]
+    a64 = a.to(torch.float64)
     empty = a64.new_empty(0)
     zeros = torch.zeros(d, d, dtype=torch.float32, device=a64.device)
     kind = _solver_kind(a64.device)
     if method == "eigh" or d <= DENSE_BELOW or kind == "dense":
+        _check_finite_lower(name, a64)
         w, v = _dense_smallest(a64, nev)
         stats = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0 if method != "eigh" and d > DENSE_BELOW
                               else 0.0], dtype=torch.float64)
         return w, v, zeros, stats
+    if kind == "cuda":
+        _check_finite_lower(name, a64)
+        a64 = _lower_symmetric64(a64)
     if factor is not None and delta < 0:
         # the shift a reused factor was built with: diag(L L^T) - diag(A)
         rebuilt = float(((factor.double() ** 2).sum(1) - a64.diagonal()).median())
@@ -243,6 +252,8 @@ def _solve(a64: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: f
     iters = DEFAULT_MAX_ITER if max_iter is None else max_iter
     w, v, f, st = fn(a64, empty if v0 is None else v0, empty if factor is None else factor,
                      float(delta), nev, float(tol), iters)
+    if float(st[0]) < 0:
+        raise ValueError(f"{name} contains NaN or infinity")
     converged = bool(st[1] > 0) and w.numel() == nev
     if factor is not None and (not converged or not _factor_fits(f, v[:, 0], float(w[0]),
                                                                  float(st[2]))):
@@ -298,8 +309,7 @@ def _info(stats: Tensor, factor: Tensor) -> EigenInfo:
 def _smallest_eig_op(matrix: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: float,
                      nev: int, tol: float, max_iter: int, method: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a64 = _symmetrized64(matrix)
-    w, v, f, st = _solve(a64, v0, factor, delta, nev, tol, max_iter if max_iter > 0 else None,
+    w, v, f, st = _solve(matrix, v0, factor, delta, nev, tol, max_iter if max_iter > 0 else None,
                          method)
     return w, v, _no_alias(f, factor), st
 
@@ -347,7 +357,6 @@ def smallest_eigenvalue(matrix: Tensor, *, v0: Optional[Tensor] = None, tol: flo
     _check_tol(tol, max_iter)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_finite("matrix", matrix)
     d = matrix.shape[0]
     v0 = _check_v0(v0, d, matrix.device)
     factor, delta = _check_factor(factor, d, matrix.device)
@@ -366,11 +375,8 @@ def _cov_eig_op(z: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta
                 tol: float, max_iter: int, correction: float, backend: str, fp64: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cov, mean = _covariance_impl(z, correction, backend, fp64)
-    a64 = _symmetrized64(cov)
-    if not bool(torch.isfinite(a64).all()):
-        raise ValueError("z contains NaN or infinity")
-    w, v, f, st = _solve(a64, v0, factor, delta, nev, tol, max_iter if max_iter > 0 else None,
-                         "auto")
+    w, v, f, st = _solve(cov, v0, factor, delta, nev, tol, max_iter if max_iter > 0 else None,
+                         "auto", name="z")
     return w, v, mean, _no_alias(f, factor), st
 
 
@@ -485,8 +491,7 @@ def covariance_sigma_min(z: Tensor, *, v0: Optional[Tensor] = None, tol: float =
 def _gram_eig_op(w: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     w64 = w.to(torch.float64)
     gram = w64.T @ w64 if w.shape[0] >= w.shape[1] else w64 @ w64.T
-    gram = _symmetrized64(gram)
-    val, vec, _, _ = _solve(gram, None, None, 0.0, 1, tol, None, "auto")
+    val, vec, _, _ = _solve(gram, None, None, 0.0, 1, tol, None, "auto", name="w")
     return val, vec[:, 0].contiguous()
 
 

@@ -13,10 +13,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common/registry.h"
-#include "common/davidson_blocks.h"
+#include "cpu/dense_blocks.h"
 #include "common/spectral_math.h"
 
 namespace calrft {
@@ -102,15 +103,47 @@ struct EigOut {
 };
 
 // fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
-bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor* factor, double* delta) {
-  at::Tensor a32 = a.to(at::kFloat);
+// LAPACK routines called straight from the torch library when it exports them (MKL builds do):
+// at::linalg_cholesky_ex / at::linalg_eigh copy to and from LAPACK's column-major layout and
+// add checks, ~1 ms for a 512 x 512 Cholesky and ~0.15 ms for a 48 x 48 eigh. Weak symbols:
+// where a build lacks them the ATen calls take over.
+extern "C" void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info)
+    __attribute__((weak));
+extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a,
+                        const int* lda, double* w, double* work, const int* lwork, int* iwork,
+                        const int* liwork, int* info) __attribute__((weak));
+
+// Cholesky of the symmetric row-major fp32 buffer `a` [d, d] in place: the lower triangle
+// becomes L (A = L L^T), the strict upper triangle zeros. Returns false if A is not PD.
+bool cholesky_lower_inplace(at::Tensor& a) {
+  const int n = int(a.size(0));
+  float* p = a.data_ptr<float>();
+  int info = 1;
+  if (spotrf_ != nullptr) {
+    // Row-major A read as column-major is A (symmetric); LAPACK's upper factor U (A = U^T U) in
+    // column-major memory is L = U^T in row-major memory: no transposed copies.
+    spotrf_("U", &n, p, &n, &info);
+    if (info != 0) return false;
+  } else {
+    auto [l, err] = at::linalg_cholesky_ex(a);
+    if (err.item<int>() != 0) return false;
+    a.copy_(l);
+  }
+  for (int i = 0; i < n; ++i) std::fill(p + int64_t(i) * n + i + 1, p + int64_t(i + 1) * n, 0.f);
+  return true;
+}
+
+// fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
+bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor* factor,
+                                double* delta) {
+  const int64_t d = a.size(0);
   double shift = sm::initial_shift(max_diag);
   for (int attempt = 0; attempt < 8; ++attempt, shift *= 10.0) {
-    at::Tensor shifted = a32.clone();
-    shifted.diagonal().add_(shift);
-    auto [l, info] = at::linalg_cholesky_ex(shifted);
-    if (info.item<int>() == 0) {
-      *factor = l;
+    at::Tensor shifted = a.to(at::kFloat);
+    float* p = shifted.data_ptr<float>();
+    for (int64_t i = 0; i < d; ++i) p[i * d + i] = float(double(p[i * d + i]) + shift);
+    if (cholesky_lower_inplace(shifted)) {
+      *factor = shifted;
       *delta = shift;
       return true;
     }
@@ -118,15 +151,13 @@ bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor
   return false;
 }
 
-using davidson_blocks::precondition;
-using davidson_blocks::update_basis;
-
-// Runs the Davidson solve on one thread. Every step is ~15 small BLAS/LAPACK calls (d x 8
-// blocks, a 48 x 48 eigh); with 2 threads each forks and joins a team, and on a shared host a
-// join waits for a descheduled thread. Measured here (2 cores, load 7, d = 512): a solve took
-// 110 ms with 2 threads, 39 ms with 1; the fp32 Cholesky alone 48 ms with 2 threads, 1.8 ms
-// with 1. Only a large factorisation (d > kThreadedFactorMinDim) gets the caller's threads back.
-constexpr int64_t kThreadedFactorMinDim = 2048;
+// The Davidson iteration runs on one thread: every step is a dozen thin products (d x 8 blocks)
+// and a <= 48 x 48 eigh, far too small to split, and with 2 threads each call forks and joins a
+// team; on a shared host a join waits for a descheduled thread (measured at load 7, d = 512: a
+// whole solve 110 ms with 2 threads, 39 ms with 1). The factorisation is large enough to gain
+// from the caller's threads on a quiet host (d = 512: 0.96 ms with 2, 1.41 ms with 1; d = 1024:
+// 6.4 vs 11.0 ms), so from kThreadedFactorMinDim on it gets them back.
+constexpr int64_t kThreadedFactorMinDim = 384;
 
 class SingleThreadScope {
  public:
@@ -140,23 +171,178 @@ class SingleThreadScope {
 // The factorisation, with the caller's threads `threads` only when d is large enough to gain.
 bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* factor,
                            double* delta, int threads) {
-  const bool threaded = threads > 1 && a.size(0) > kThreadedFactorMinDim;
+  const bool threaded = threads > 1 && a.size(0) >= kThreadedFactorMinDim;
   if (threaded) at::set_num_threads(threads);
   const bool ok = preconditioner_factor_impl(a, max_diag, factor, delta);
   if (threaded) at::set_num_threads(1);
   return ok;
 }
 
-EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, double delta,
+// The projected eigenproblem (dsyevd, else at::linalg_eigh).
+class SmallEigh {
+ public:
+  explicit SmallEigh(int64_t nmax)
+      : a_(nmax * nmax), work_(1 + 6 * nmax + 2 * nmax * nmax), iwork_(3 + 5 * nmax) {}
+  // Eigen-decomposition of the leading m x m block of the symmetric H (leading dim ldh):
+  // theta ascending, Y [m, m] row-major with the eigenvectors as columns.
+  void operator()(const double* h, int64_t ldh, int64_t m, double* theta, double* y) {
+    for (int64_t i = 0; i < m; ++i) std::copy(h + i * ldh, h + i * ldh + m, a_.data() + i * m);
+    int info = 1;
+    if (dsyevd_ != nullptr) {
+      const int n = int(m), lwork = int(work_.size()), liwork = int(iwork_.size());
+      dsyevd_("V", "L", &n, a_.data(), &n, theta, work_.data(), &lwork, iwork_.data(), &liwork,
+              &info);
+    }
+    if (info == 0) {  // column-major result: a_[i + j m] = component i of vector j
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) y[i * m + j] = a_[i + j * m];
+      return;
+    }
+    for (int64_t i = 0; i < m; ++i) std::copy(h + i * ldh, h + i * ldh + m, a_.data() + i * m);
+    auto [w, v] = at::linalg_eigh(at::from_blob(a_.data(), {m, m}, at::kDouble));
+    std::copy(w.data_ptr<double>(), w.data_ptr<double>() + m, theta);
+    at::Tensor vc = v.contiguous();
+    std::copy(vc.data_ptr<double>(), vc.data_ptr<double>() + m * m, y);
+  }
+
+ private:
+  std::vector<double> a_, work_;
+  std::vector<int> iwork_;
+};
+
+// Preconditioned residuals W = (L L^T)^-1 R in fp32 (R, W: [d, k] row-major fp64).
+void precondition(const float* L, int64_t d, const double* r, int64_t k, double* w,
+                  std::vector<float>& scratch) {
+  scratch.resize(d * k);
+  for (int64_t i = 0; i < d * k; ++i) scratch[i] = float(r[i]);
+  dense::solve_lower<float>(L, d, scratch.data(), k);
+  dense::solve_lower_transposed<float>(L, d, scratch.data(), k);
+  for (int64_t i = 0; i < d * k; ++i) w[i] = double(scratch[i]);
+}
+
+// The basis of the Davidson loop: V and AV = A V as [d, mmax] row-major buffers whose first m
+// columns are in use, and the projected matrix H = V^T A V [mmax, mmax], kept up to date
+// column block by column block (never recomputed whole).
+struct Basis {
+  int64_t d, mmax, m = 0;
+  std::vector<double> V, AV, H;
+  Basis(int64_t d_, int64_t mmax_)
+      : d(d_), mmax(mmax_), V(d_ * mmax_), AV(d_ * mmax_), H(mmax_ * mmax_) {}
+};
+
+// Orthonormalise the k columns of W [d, k] (row-major, overwritten) against the basis and among
+// themselves: two passes of (classical Gram-Schmidt against V, modified Gram-Schmidt within W;
+// the latter on a transposed copy, so every dot product reads contiguous memory). A column that
+// keeps less than 1e-8 of its length is in the span already and is dropped, as are columns
+// beyond the basis capacity. Appends the survivors to the basis with their images A w and the
+// new columns of H; returns how many.
+int64_t extend_basis(const double* a, Basis& b, std::vector<double>& w, int64_t k,
+                     std::vector<double>& scratch) {
+  const int64_t d = b.d, m = b.m, add_max = std::min(k, b.mmax - m);
+  std::vector<double> c(std::max<int64_t>(m, 1) * k);
+  scratch.resize(k * d);
+  double* wt = scratch.data();  // wt[p * d + r] = w[r, p]
+  std::vector<int64_t> kept(k);
+  for (int64_t p = 0; p < k; ++p) kept[p] = p;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 0) {  // unit columns first, so the drop test is relative
+      dense::transpose<double>(d, k, w.data(), k, wt);
+      for (int64_t p = 0; p < k; ++p) {
+        const double n = std::sqrt(dense::dot(wt + p * d, wt + p * d, d));
+        const double f = (n > 0 && std::isfinite(n)) ? 1.0 / n : 0.0;
+        for (int64_t r = 0; r < d; ++r) wt[p * d + r] *= f;
+      }
+      dense::transpose<double>(k, d, wt, d, w.data());
+    }
+    if (m > 0) {  // W -= V (V^T W)
+      dense::gemm_tn<double>(d, m, k, b.V.data(), b.mmax, w.data(), k, c.data(), k, 1.0, 0.0);
+      dense::gemm_nn<double>(d, m, k, b.V.data(), b.mmax, c.data(), k, w.data(), k, -1.0, 1.0);
+    }
+    dense::transpose<double>(d, k, w.data(), k, wt);
+    std::vector<int64_t> survivors;
+    for (int64_t p : kept) {
+      double* wp = wt + p * d;
+      for (int64_t q : survivors) {
+        const double* wq = wt + q * d;
+        const double proj = dense::dot(wq, wp, d);
+        for (int64_t r = 0; r < d; ++r) wp[r] -= proj * wq[r];
+      }
+      const double n = std::sqrt(dense::dot(wp, wp, d));
+      if (pass == 0 && (!(n > 1e-8) || int64_t(survivors.size()) == add_max)) {
+        std::fill(wp, wp + d, 0.0);
+        continue;
+      }
+      for (int64_t r = 0; r < d; ++r) wp[r] /= n;
+      survivors.push_back(p);
+    }
+    kept = survivors;
+    dense::transpose<double>(k, d, wt, d, w.data());
+  }
+  // Survivors first, zero columns after: the products below run on all k (a multiple of 8)
+  // columns, so a dropped column never sends them down their scalar paths.
+  const int64_t add = int64_t(kept.size());
+  for (int64_t i = 0; i < k; ++i) {
+    if (i < add) std::copy(wt + kept[i] * d, wt + (kept[i] + 1) * d, wt + i * d);
+    else std::fill(wt + i * d, wt + (i + 1) * d, 0.0);
+  }
+  dense::transpose<double>(k, d, wt, d, w.data());
+  std::vector<double> aw(d * k), h((m + add) * k);
+  dense::symm_lower<double>(d, a, d, w.data(), k, aw.data(), k, k);
+  for (int64_t r = 0; r < d; ++r)
+    for (int64_t i = 0; i < add; ++i) {
+      b.V[r * b.mmax + m + i] = w[r * k + i];
+      b.AV[r * b.mmax + m + i] = aw[r * k + i];
+    }
+  // H[0:m+add, m:m+add] = V^T (A V_new); mirrored below the diagonal; the new block symmetrised.
+  dense::gemm_tn<double>(d, m + add, k, b.V.data(), b.mmax, aw.data(), k, h.data(), k, 1.0, 0.0);
+  for (int64_t i = 0; i < m + add; ++i)
+    for (int64_t c = 0; c < add; ++c) b.H[i * b.mmax + m + c] = h[i * k + c];
+  for (int64_t i = m; i < m + add; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      const double v = j < m ? b.H[j * b.mmax + i] : 0.5 * (b.H[j * b.mmax + i] + b.H[i * b.mmax + j]);
+      b.H[i * b.mmax + j] = b.H[j * b.mmax + i] = v;
+    }
+  b.m = m + add;
+  return add;
+}
+
+// Thick restart: keep the `keep` lowest Ritz vectors V Y[:, :keep] (H becomes diag(theta)).
+void restart_basis(Basis& b, const std::vector<double>& y, const std::vector<double>& theta,
+                   int64_t keep, std::vector<double>& scratch) {
+  const int64_t d = b.d, m = b.m;
+  scratch.resize(d * keep);
+  for (std::vector<double>* buf : {&b.V, &b.AV}) {
+    dense::gemm_nn<double>(d, m, keep, buf->data(), b.mmax, y.data(), m, scratch.data(), keep,
+                           1.0, 0.0);
+    for (int64_t r = 0; r < d; ++r)
+      std::copy(scratch.data() + r * keep, scratch.data() + (r + 1) * keep,
+                buf->data() + r * b.mmax);
+  }
+  std::fill(b.H.begin(), b.H.end(), 0.0);
+  for (int64_t i = 0; i < keep; ++i) b.H[i * b.mmax + i] = theta[i];
+  b.m = keep;
+}
+
+// Before any product with A, kPreSweeps sweeps of the preconditioner alone (fp32 subspace
+// iteration with (L L^T)^-1, ~0.07 ms each at d = 512 against ~0.3 ms for a Davidson step) over
+// a start block of 2 blk random columns damp the top of the spectrum. Measured (d = 512 / 1024,
+// log spectra, kappa 1e4 and 1e6): Davidson steps 10-12 / 15-18 -> 4-6 / 7-10. A warm start
+// (v0 given) sweeps its random columns only kWarmPreSweeps times: for a matrix that moved by
+// 1e-3 lambda_min the given vector passes the stopping test at once, and 8 sweeps would cost
+// more than the whole solve (d = 512: 0.9 ms with 2 sweeps, 1.9-2.1 ms with 8).
+constexpr int kPreSweeps = 8, kWarmPreSweeps = 2;
+
+EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, double delta,
                 int64_t nev, double tol, int64_t max_iter) {
-  const int64_t d = a.size(0);
+  const int64_t d = a_t.size(0);
+  const double* a = a_t.data_ptr<double>();
   EigOut out;
-  const double max_diag = a.diagonal().max().item<double>();
+  const double max_diag = a_t.diagonal().max().item<double>();
   const double floor_abs = std::max(max_diag, 1e-300) * 1e-14 * double(d);
   const bool reused = factor.defined();
   SingleThreadScope one_thread;
   if (!factor.defined()) {
-    if (!preconditioner_factor(a, max_diag, &factor, &delta, one_thread.saved()))
+    if (!preconditioner_factor(a_t, max_diag, &factor, &delta, one_thread.saved()))
       return out;  // not converged
   }
   out.factor = factor;
@@ -164,99 +350,156 @@ EigOut davidson(const at::Tensor& a, const at::Tensor& v0, at::Tensor factor, do
   const int64_t blk = std::min<int64_t>(d, std::max<int64_t>(nev, 8));
   const int64_t keep = std::min<int64_t>(d, 2 * blk);
   const int64_t mmax = std::min<int64_t>(d, std::max<int64_t>(6 * blk, keep + blk));
-  auto opts = a.options();
-  at::Tensor V = at::empty({d, mmax}, opts), AV = at::empty({d, mmax}, opts);
-  // Start block: v0 (if any) and seeded random columns (deterministic results for a given input).
+  const int64_t given = v0.defined() ? v0.size(1) : 0;
+  const int64_t start_cols = std::min(mmax, std::max(2 * blk, given));
+  Basis basis(d, mmax);
+  // Start block: the given vectors (warm start) then seeded random columns (deterministic
+  // results for a given input), swept by the preconditioner.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
-  at::Tensor start = at::randn({d, blk}, gen, opts);
-  if (v0.defined()) start.select(1, 0).copy_(v0);
-  start = std::get<0>(at::linalg_qr(start));
-  int64_t m = blk;
-  V.narrow(1, 0, m).copy_(start);
-  AV.narrow(1, 0, m).copy_(at::mm(a, start));
-  std::vector<double> theta;
-  at::Tensor X, AX;
+  at::Tensor start = at::randn({d, start_cols}, gen, a_t.options());
+  if (given > 0) start.narrow(1, 0, std::min(given, start_cols)).copy_(v0.narrow(1, 0, std::min(given, start_cols)));
+  std::vector<double> w(start.data_ptr<double>(), start.data_ptr<double>() + d * start_cols);
+  std::vector<double> scratch64;
+  std::vector<float> scratch32;
+  const float* L = factor.data_ptr<float>();
+  const int sweeps = given > 0 ? kWarmPreSweeps : kPreSweeps;
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    scratch64.resize(w.size());
+    precondition(L, d, w.data(), start_cols, scratch64.data(), scratch32);
+    double big = 0;  // rescale (the sweep multiplies by up to 1 / delta)
+    for (double x : scratch64) big = std::max(big, std::fabs(x));
+    for (size_t i = 0; i < w.size(); ++i) w[i] = big > 0 ? scratch64[i] / big : 0.0;
+  }
+  // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
+  // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
+  // neighbours.
+  if (given > 0) {
+    const at::Tensor v0c = v0.contiguous();
+    const double* pv = v0c.data_ptr<double>();
+    for (int64_t r = 0; r < d; ++r)
+      for (int64_t c = 0; c < std::min(given, start_cols); ++c)
+        w[r * start_cols + c] = pv[r * given + c];
+  }
+  extend_basis(a, basis, w, start_cols, scratch64);
+  SmallEigh eigh(mmax);
+  std::vector<double> theta(mmax), y(mmax * mmax), x(d * blk), ax(d * blk), r(d * blk);
   double first_estimate = INFINITY;
   constexpr int64_t kStaleCheck = 4;
+  int64_t nb = 0;
   for (int64_t it = 0;; ++it) {
-    at::Tensor Vm = V.narrow(1, 0, m), AVm = AV.narrow(1, 0, m);
-    at::Tensor H = at::mm(Vm.t(), AVm);
-    H = (H + H.t()) * 0.5;
-    auto [th, Y] = at::linalg_eigh(H);
-    theta.assign(th.data_ptr<double>(), th.data_ptr<double>() + m);
-    const int64_t nb = std::min(blk, m);
-    at::Tensor Yb = Y.narrow(1, 0, nb);
-    X = at::mm(Vm, Yb);
-    AX = at::mm(AVm, Yb);
-    at::Tensor R = AX - X * th.narrow(0, 0, nb);
-    at::Tensor W = precondition(factor, R);
-    at::Tensor rTw = (R * W).sum(0);
-    const double* rtw = rTw.data_ptr<double>();
+    const int64_t m = basis.m;
+    eigh(basis.H.data(), mmax, m, theta.data(), y.data());
+    nb = std::min(blk, m);
+    // Ritz vectors X = V Y[:, :nb], A X = AV Y[:, :nb]; residuals R = A X - X diag(theta).
+    dense::gemm_nn<double>(d, m, nb, basis.V.data(), mmax, y.data(), m, x.data(), nb, 1.0, 0.0);
+    dense::gemm_nn<double>(d, m, nb, basis.AV.data(), mmax, y.data(), m, ax.data(), nb, 1.0, 0.0);
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < nb; ++j) r[i * nb + j] = ax[i * nb + j] - x[i * nb + j] * theta[j];
+    w.resize(d * nb);
+    precondition(L, d, r.data(), nb, w.data(), scratch32);
     double worst = 0;
-    for (int64_t i = 0; i < std::min(nev, nb); ++i)
-      worst = std::max(worst, sm::relative_error_estimate(rtw[i], int(i), theta.data(), int(m),
-                                                           tol, delta, floor_abs));
+    for (int64_t j = 0; j < std::min(nev, nb); ++j) {
+      double rtw = 0;
+      for (int64_t i = 0; i < d; ++i) rtw += r[i * nb + j] * w[i * nb + j];
+      worst = std::max(worst, sm::relative_error_estimate(rtw, int(j), theta.data(), int(m), tol,
+                                                           delta, floor_abs));
+    }
     out.iterations = it;
     out.estimate = worst;
     if (it == 0) first_estimate = worst;
     if (reused && it == kStaleCheck && !(worst <= 1e-3 * first_estimate) && worst > tol) {
       // A reused factor that barely helps is stale (the matrix moved by more than its smallest
       // eigenvalue): build a fresh one and keep the basis built so far.
-      if (preconditioner_factor(a, max_diag, &factor, &delta, one_thread.saved())) {
+      if (preconditioner_factor(a_t, max_diag, &factor, &delta, one_thread.saved())) {
         out.factor = factor;
         out.delta = delta;
         out.refactored = true;
+        L = factor.data_ptr<float>();
       }
     }
-    if (worst <= tol || m == d) { out.converged = (worst <= tol) || m == d; break; }
+    if (worst <= tol || m == d) { out.converged = true; break; }
     if (it >= max_iter) break;
-    m = update_basis(a, V, AV, m, Y, W, blk, keep);
+    if (m + blk > mmax) restart_basis(basis, y, theta, keep, scratch64);
+    if (extend_basis(a, basis, w, nb, scratch64) == 0) break;  // no new direction: stagnated
   }
-  const int64_t k = std::min<int64_t>(nev, X.size(1));
-  out.values = at::from_blob(theta.data(), {k}, at::kDouble).clone();
-  at::Tensor vecs = X.narrow(1, 0, k).clone();
-  vecs = vecs / vecs.norm(2, {0}, true);
-  out.vectors = vecs;
+  const int64_t k = std::min(nev, nb);
+  out.values = at::tensor(std::vector<double>(theta.begin(), theta.begin() + k), at::kDouble);
+  at::Tensor vecs = at::from_blob(x.data(), {d, nb}, at::kDouble).narrow(1, 0, k).clone();
+  out.vectors = vecs / vecs.norm(2, {0}, true);
   return out;
 }
 
-// Returns (values [k] fp64, vectors [d, k] fp64, factor fp32, stats fp64 [iterations, converged,
-// delta, estimate]). `factor` may be an empty tensor (then computed, and returned for reuse).
+// Entries of the lower triangle that are NaN or infinite (the solver reads nothing else).
+int64_t nonfinite_lower(const double* a, int64_t d) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j <= i; ++j)
+      bad += !(std::fabs(a[i * d + j]) <= std::numeric_limits<double>::max());
+  return bad;
+}
+
+// Smallest eigenpairs of the symmetric matrix whose LOWER triangle is that of `matrix` (the upper
+// triangle is not read, as in torch.linalg.eigh). Returns (values [k] fp64, vectors [d, k] fp64,
+// factor fp32, stats fp64 [iterations, converged, delta, estimate]); `factor` may be an empty
+// tensor (then computed, and returned for reuse). iterations = -1: the lower triangle holds a
+// NaN or infinity (nothing was solved); empty values otherwise: no factor could be built.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
     const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor, double delta,
     int64_t nev, double tol, int64_t max_iter) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
   at::Tensor a = a_in.to(at::kDouble).contiguous();
+  const int64_t d = a.size(0);
+  auto nothing = [&](double flag) {
+    return std::make_tuple(at::empty({0}, at::kDouble), at::empty({d, 0}, at::kDouble),
+                           at::empty({0, 0}, at::kFloat),
+                           at::tensor({flag, 0.0, 0.0, double(INFINITY)}, at::kDouble));
+  };
+  if (nonfinite_lower(a.data_ptr<double>(), d) > 0) return nothing(-1.0);
   at::Tensor f = factor.numel() ? factor.to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({-1}) : at::Tensor();
+  // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
+  at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
   EigOut r = davidson(a, v, f, delta, nev, tol, max_iter);
+  if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
   at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
                                 at::kDouble);
-  if (!r.values.defined()) {  // no factor: caller falls back to the dense solver
-    return {at::empty({0}, at::kDouble), at::empty({a.size(0), 0}, at::kDouble),
-            at::empty({0, 0}, at::kFloat), stats};
-  }
   return {r.values, r.vectors, r.factor, stats};
 }
 
-// (A + A^T) / 2 in fp64, one thread, 32 x 32 tiles. The ATen expression (a + a.T) * 0.5 reads
-// one operand transposed and split over 2 threads took 20 ms at d = 512 on the loaded host.
-at::Tensor symmetrize_cpu(const at::Tensor& a_in) {
-  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
+// The thin-block kernels of cpu/dense_blocks.h, for tests: op "nn" -> a @ w, "tn" -> a^T @ w,
+// "symm" -> S @ w with S the symmetric matrix of a's lower triangle, "precondition" ->
+// (a a^T)^-1 w for a lower-triangular a (fp32 solves, as in the solver).
+at::Tensor dense_block_cpu(const std::string& op, const at::Tensor& a_in, const at::Tensor& w_in) {
+  TORCH_CHECK(a_in.dim() == 2 && w_in.dim() == 2, "a and w must be 2-D");
+  at::Tensor w = w_in.to(at::kDouble).contiguous();
+  const int64_t k = w.size(1);
+  if (op == "precondition") {
+    at::Tensor l = a_in.to(at::kFloat).contiguous();
+    TORCH_CHECK(l.size(0) == l.size(1) && l.size(0) == w.size(0), "shape mismatch");
+    at::Tensor out = at::empty_like(w);
+    std::vector<float> scratch;
+    precondition(l.data_ptr<float>(), l.size(0), w.data_ptr<double>(), k,
+                 out.data_ptr<double>(), scratch);
+    return out;
+  }
   at::Tensor a = a_in.to(at::kDouble).contiguous();
-  const int64_t n = a.size(0);
-  constexpr int64_t kTile = 32;
-  at::Tensor out = at::empty_like(a);
-  const double* pa = a.data_ptr<double>();
-  double* po = out.data_ptr<double>();
-  for (int64_t i0 = 0; i0 < n; i0 += kTile)
-    for (int64_t j0 = 0; j0 <= i0; j0 += kTile)
-      for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
-        for (int64_t j = j0; j < std::min({n, j0 + kTile, i + 1}); ++j) {
-          const double v = 0.5 * (pa[i * n + j] + pa[j * n + i]);
-          po[i * n + j] = v;
-          po[j * n + i] = v;
-        }
+  const double *pa = a.data_ptr<double>(), *pw = w.data_ptr<double>();
+  if (op == "tn") {
+    TORCH_CHECK(a.size(0) == w.size(0), "shape mismatch");
+    at::Tensor out = at::empty({a.size(1), k}, a.options());
+    dense::gemm_tn<double>(a.size(0), a.size(1), k, pa, a.size(1), pw, k,
+                           out.data_ptr<double>(), k, 1.0, 0.0);
+    return out;
+  }
+  TORCH_CHECK(a.size(1) == w.size(0), "shape mismatch");
+  at::Tensor out = at::empty({a.size(0), k}, a.options());
+  if (op == "symm") {
+    TORCH_CHECK(a.size(0) == a.size(1), "symm needs a square a");
+    dense::symm_lower<double>(a.size(0), pa, a.size(0), pw, k, out.data_ptr<double>(), k, k);
+    return out;
+  }
+  TORCH_CHECK(op == "nn", "op must be nn, tn, symm or precondition");
+  dense::gemm_nn<double>(a.size(0), a.size(1), k, pa, a.size(1), pw, k, out.data_ptr<double>(),
+                         k, 1.0, 0.0);
   return out;
 }
 
@@ -296,7 +539,7 @@ void register_spectral_cpu(pybind11::module_& m) {
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
         pybind11::arg("delta"), pybind11::arg("nev"), pybind11::arg("tol"),
         pybind11::arg("max_iter"));
-  m.def("symmetrize_cpu", &symmetrize_cpu, "(A + A^T) / 2 in fp64, single-threaded");
+  m.def("dense_block_cpu", &dense_block_cpu, "thin-block kernels of the Davidson loop (tests)");
   m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
   m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
 }

@@ -1,0 +1,288 @@
+// Thin-block dense kernels of the CPU Davidson loop (csrc/cpu/spectral.cpp): a d x d matrix or a
+// d x m basis times a thin row-major block (k = 8..32 columns), the transposed product, and the
+// two triangular solves with the fp32 Cholesky factor.
+//
+// Why not BLAS: on this project's hosts (AMD EPYC, torch's MKL) dgemm of a 512 x 512 matrix with
+// 8 columns takes 0.38 ms and the two strsm 0.21 ms, where these loops take ~0.05 ms each: MKL
+// does not pick its fast paths on AMD, and a thin product is bound by reading the matrix once
+// (2 MiB, cache resident), which the loops below do with 8-16 independent accumulators.
+//
+// Layout: every matrix is row-major with an explicit leading dimension. Columns are processed in
+// chunks of 8 (one 32-byte vector of fp32, two of fp64; GCC vector extensions, so -mavx2 gives
+// YMM code and other targets still compile), rows in groups of 4; leftovers take a scalar path.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+namespace calrft::dense {
+
+template <typename T>
+struct Chunk;  // 8 columns of T as vectors of 32 bytes
+template <>
+struct Chunk<double> {
+  typedef double vec __attribute__((vector_size(32)));
+  // the same vector at the element's alignment: an unaligned load/store (vmovupd), no copy
+  typedef double unaligned __attribute__((vector_size(32), aligned(8), may_alias));
+  static constexpr int kVecs = 2, kLanes = 4;
+};
+template <>
+struct Chunk<float> {
+  typedef float vec __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+  static constexpr int kVecs = 1, kLanes = 8;
+};
+
+template <typename T>
+inline void load8(typename Chunk<T>::vec* v, const T* p) {
+  using U = typename Chunk<T>::unaligned;
+  for (int i = 0; i < Chunk<T>::kVecs; ++i)
+    v[i] = reinterpret_cast<const U*>(p)[i];
+}
+template <typename T>
+inline void store8(T* p, const typename Chunk<T>::vec* v) {
+  using U = typename Chunk<T>::unaligned;
+  for (int i = 0; i < Chunk<T>::kVecs; ++i) reinterpret_cast<U*>(p)[i] = v[i];
+}
+
+// C[r, 0:8] = beta C + alpha acc (beta == 0 never reads C: C may be uninitialised).
+template <typename T>
+inline void finish8(T* c, const typename Chunk<T>::vec* acc, T alpha, T beta) {
+  using V = typename Chunk<T>::vec;
+  constexpr int NV = Chunk<T>::kVecs;
+  V out[NV];
+  if (beta == T(0)) {
+    for (int v = 0; v < NV; ++v) out[v] = acc[v] * alpha;
+  } else {
+    load8<T>(out, c);
+    for (int v = 0; v < NV; ++v) out[v] = out[v] * beta + acc[v] * alpha;
+  }
+  store8<T>(c, out);
+}
+
+// Rows per register tile: 8 accumulator vectors either way (4 rows x 2 vectors of fp64, 8 rows x
+// 1 vector of fp32), enough independent FMA chains to hide the FMA latency.
+template <typename T>
+constexpr int kTileRows = 8 / Chunk<T>::kVecs;
+
+// C[rows, k] = beta C + alpha A[rows, inner] B[inner, k]. C must not overlap A or B.
+// Row tiles outside, column chunks inside: a tile's rows of A (R x inner) stay in L1/L2 while
+// every chunk of B passes, so A itself streams from memory once whatever k is.
+template <typename T>
+void gemm_nn(int64_t rows, int64_t inner, int64_t k, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T* C, int64_t ldc, T alpha, T beta) {
+  using V = typename Chunk<T>::vec;
+  constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T>;
+  const int64_t k8 = k - k % 8;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) {
+    const T* a = A + r * lda;
+    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+      V acc[R][NV] = {};
+      for (int64_t j = 0; j < inner; ++j) {
+        V b[NV];
+        load8<T>(b, B + j * ldb + c0);
+        for (int q = 0; q < R; ++q)
+          for (int v = 0; v < NV; ++v) acc[q][v] += b[v] * a[q * lda + j];
+      }
+      for (int q = 0; q < R; ++q) finish8<T>(C + (r + q) * ldc + c0, acc[q], alpha, beta);
+    }
+  }
+  for (; r < rows; ++r)
+    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+      V acc[NV] = {};
+      for (int64_t j = 0; j < inner; ++j) {
+        V b[NV];
+        load8<T>(b, B + j * ldb + c0);
+        for (int v = 0; v < NV; ++v) acc[v] += b[v] * A[r * lda + j];
+      }
+      finish8<T>(C + r * ldc + c0, acc, alpha, beta);
+    }
+  for (int64_t r = 0; r < rows && k8 < k; ++r)
+    for (int64_t c = k8; c < k; ++c) {
+      T s = 0;
+      for (int64_t j = 0; j < inner; ++j) s += A[r * lda + j] * B[j * ldb + c];
+      C[r * ldc + c] = (beta == T(0) ? T(0) : beta * C[r * ldc + c]) + alpha * s;
+    }
+}
+
+// C[cols, k] = beta C + alpha M[rows, cols]^T W[rows, k]. C must not overlap M or W.
+template <typename T>
+void gemm_tn(int64_t rows, int64_t cols, int64_t k, const T* M, int64_t ldm, const T* W,
+             int64_t ldw, T* C, int64_t ldc, T alpha, T beta) {
+  using V = typename Chunk<T>::vec;
+  constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T>;
+  const int64_t k8 = k - k % 8;
+  int64_t i = 0;
+  for (; i + R <= cols; i += R)
+    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+      V acc[R][NV] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        V w[NV];
+        load8<T>(w, W + r * ldw + c0);
+        const T* m = M + r * ldm + i;
+        for (int q = 0; q < R; ++q)
+          for (int v = 0; v < NV; ++v) acc[q][v] += w[v] * m[q];
+      }
+      for (int q = 0; q < R; ++q) finish8<T>(C + (i + q) * ldc + c0, acc[q], alpha, beta);
+    }
+  for (; i < cols; ++i)
+    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+      V acc[NV] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        V w[NV];
+        load8<T>(w, W + r * ldw + c0);
+        for (int v = 0; v < NV; ++v) acc[v] += w[v] * M[r * ldm + i];
+      }
+      finish8<T>(C + i * ldc + c0, acc, alpha, beta);
+    }
+  for (int64_t i = 0; i < cols && k8 < k; ++i)
+    for (int64_t c = k8; c < k; ++c) {
+      T s = 0;
+      for (int64_t r = 0; r < rows; ++r) s += M[r * ldm + i] * W[r * ldw + c];
+      C[i * ldc + c] = (beta == T(0) ? T(0) : beta * C[i * ldc + c]) + alpha * s;
+    }
+}
+
+// C[d, k] = S W for the symmetric S whose lower triangle is that of A [d, d] (the upper triangle
+// is never read, as in LAPACK's UPLO = 'L'): each entry below the diagonal is read once and
+// used twice (C_i += a_ij w_j, C_j += a_ij w_i), so the matrix streams half the bytes of a full
+// product. Row tiles of 2 (fp64) / 4 (fp32) keep both the tile's W rows and its sums in registers.
+template <typename T>
+void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* C, int64_t ldc,
+                int64_t k) {
+  using V = typename Chunk<T>::vec;
+  constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T> / 2;
+  const int64_t k8 = k - k % 8;
+  for (int64_t i = 0; i < d; ++i) std::fill(C + i * ldc, C + i * ldc + k, T(0));
+  auto diagonal_tile = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = r0; j <= i; ++j) {
+        const T a = A[i * lda + j];
+        for (int64_t c = c0; c < c1; ++c) {
+          C[i * ldc + c] += a * W[j * ldw + c];
+          if (j != i) C[j * ldc + c] += a * W[i * ldw + c];
+        }
+      }
+  };
+  int64_t r0 = 0;
+  for (; r0 + R <= d; r0 += R) {
+    const T* a = A + r0 * lda;
+    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+      V acc[R][NV] = {}, wr[R][NV];
+      for (int q = 0; q < R; ++q) load8<T>(wr[q], W + (r0 + q) * ldw + c0);
+      for (int64_t j = 0; j < r0; ++j) {
+        V b[NV], o[NV];
+        load8<T>(b, W + j * ldw + c0);
+        load8<T>(o, C + j * ldc + c0);
+        for (int q = 0; q < R; ++q) {
+          const T aq = a[q * lda + j];
+          for (int v = 0; v < NV; ++v) {
+            acc[q][v] += b[v] * aq;
+            o[v] += wr[q][v] * aq;
+          }
+        }
+        store8<T>(C + j * ldc + c0, o);
+      }
+      for (int q = 0; q < R; ++q) {
+        V cur[NV];
+        load8<T>(cur, C + (r0 + q) * ldc + c0);
+        for (int v = 0; v < NV; ++v) cur[v] += acc[q][v];
+        store8<T>(C + (r0 + q) * ldc + c0, cur);
+      }
+    }
+    if (k8 > 0) diagonal_tile(r0, r0 + R, 0, k8);
+  }
+  if (k8 > 0 && r0 < d) {  // the last rows: off-diagonal part row by row, then their tile
+    for (int64_t i = r0; i < d; ++i)
+      for (int64_t j = 0; j < r0; ++j) {
+        const T a = A[i * lda + j];
+        for (int64_t c = 0; c < k8; ++c) {
+          C[i * ldc + c] += a * W[j * ldw + c];
+          C[j * ldc + c] += a * W[i * ldw + c];
+        }
+      }
+    diagonal_tile(r0, d, 0, k8);
+  }
+  if (k8 < k) {  // leftover columns: plain loops over the lower triangle
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < i; ++j) {
+        const T a = A[i * lda + j];
+        for (int64_t c = k8; c < k; ++c) {
+          C[i * ldc + c] += a * W[j * ldw + c];
+          C[j * ldc + c] += a * W[i * ldw + c];
+        }
+      }
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t c = k8; c < k; ++c) C[i * ldc + c] += A[i * lda + i] * W[i * ldw + c];
+  }
+}
+
+// x . y with 16 independent partial sums (a plain loop is one serial chain of adds).
+inline double dot(const double* x, const double* y, int64_t n) {
+  using V = Chunk<double>::vec;
+  using U = Chunk<double>::unaligned;
+  V acc[4] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int v = 0; v < 4; ++v)
+      acc[v] += reinterpret_cast<const U*>(x + i)[v] * reinterpret_cast<const U*>(y + i)[v];
+  V s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  double out = (s[0] + s[1]) + (s[2] + s[3]);
+  for (; i < n; ++i) out += x[i] * y[i];
+  return out;
+}
+
+// Transpose a row-major [rows, cols] block (leading dim lds) into row-major [cols, rows].
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[c * rows + r] = src[r * lds + c];
+}
+
+// Triangular solves with a lower-triangular row-major L [d, d] on X [d, k] (leading dim k), in
+// blocks of kTriBlock rows: the off-diagonal part of each block is one thin product above, the
+// diagonal part a short serial loop.
+constexpr int64_t kTriBlock = 16;
+
+// X <- L^-1 X (left-looking: each block first subtracts the rows already solved).
+template <typename T>
+void solve_lower(const T* L, int64_t d, T* X, int64_t k) {
+  for (int64_t b0 = 0; b0 < d; b0 += kTriBlock) {
+    const int64_t b1 = std::min(d, b0 + kTriBlock);
+    if (b0 > 0) gemm_nn<T>(b1 - b0, b0, k, L + b0 * d, d, X, k, X + b0 * k, k, T(-1), T(1));
+    for (int64_t i = b0; i < b1; ++i) {
+      T* xi = X + i * k;
+      for (int64_t j = b0; j < i; ++j) {
+        const T l = L[i * d + j];
+        const T* xj = X + j * k;
+        for (int64_t c = 0; c < k; ++c) xi[c] -= l * xj[c];
+      }
+      const T inv = T(1) / L[i * d + i];
+      for (int64_t c = 0; c < k; ++c) xi[c] *= inv;
+    }
+  }
+}
+
+// X <- L^-T X (right-looking from the last block: a solved block updates all rows above it).
+template <typename T>
+void solve_lower_transposed(const T* L, int64_t d, T* X, int64_t k) {
+  for (int64_t b1 = d; b1 > 0; b1 -= kTriBlock) {
+    const int64_t b0 = std::max<int64_t>(0, b1 - kTriBlock);
+    for (int64_t i = b1 - 1; i >= b0; --i) {
+      T* xi = X + i * k;
+      for (int64_t j = i + 1; j < b1; ++j) {
+        const T l = L[j * d + i];
+        const T* xj = X + j * k;
+        for (int64_t c = 0; c < k; ++c) xi[c] -= l * xj[c];
+      }
+      const T inv = T(1) / L[i * d + i];
+      for (int64_t c = 0; c < k; ++c) xi[c] *= inv;
+    }
+    if (b0 > 0) gemm_tn<T>(b1 - b0, b0, k, L + b0 * d, d, X + b0 * k, k, X, k, T(-1), T(1));
+  }
+}
+
+}  // namespace calrft::dense
