@@ -176,3 +176,50 @@ def test_shared_jacobi_solver(n):
     assert float((w - ref).abs().max()) < 1e-12 * max(1.0, float(ref.abs().max()))
     assert float((a @ v - v * w).abs().max()) < 1e-11
     assert float((v.T @ v - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+def _nan_above_diagonal(a):
+    upper = torch.ones_like(a, dtype=torch.bool).triu(1)
+    return torch.where(upper, torch.full_like(a, float("nan")), a)
+
+
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+@pytest.mark.parametrize("rows,inner,k", [(1, 1, 1), (3, 5, 7), (131, 17, 9), (257, 129, 16),
+                                          (5, 64, 24), (512, 512, 8), (37, 3, 19)])
+def test_thin_block_kernels(rows, inner, k):
+    """cpu/dense_blocks.h (the Davidson loop's products) against float64 torch at awkward sizes:
+    every row-tile remainder (rows mod 4) and column chunk remainder (k mod 8)."""
+    native = _backend.native()[0]
+    a = torch.randn(rows, inner, dtype=torch.float64)
+    w = torch.randn(inner, k, dtype=torch.float64)
+    scale = float(a.abs().sum(1).max() * w.abs().max())
+    assert float((native.dense_block_cpu("nn", a, w) - a @ w).abs().max()) <= 1e-14 * scale
+    at = a.T.contiguous()                                   # tn: at^T @ w
+    assert float((native.dense_block_cpu("tn", at, w) - a @ w).abs().max()) <= 1e-14 * scale
+    s = torch.randn(inner, inner, dtype=torch.float64)
+    s_upper_junk = _nan_above_diagonal(s)                   # the upper triangle is never read
+    sym = s.tril() + s.tril(-1).T
+    out = native.dense_block_cpu("symm", s_upper_junk, w)
+    assert float((out - sym @ w).abs().max()) <= 1e-13 * float(sym.abs().sum(1).max() * w.abs().max())
+
+
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+@pytest.mark.parametrize("d,k", [(1, 1), (7, 3), (17, 8), (65, 9), (130, 16), (513, 17)])
+def test_preconditioner_solves(d, k):
+    """The fp32 triangular solves (blocked, both directions) equal (L L^T)^-1 r to fp32 accuracy."""
+    m = torch.randn(d, d, dtype=torch.float64)
+    l = torch.linalg.cholesky(m @ m.T + d * torch.eye(d, dtype=torch.float64)).float()
+    r = torch.randn(d, k, dtype=torch.float64)
+    ref = torch.cholesky_solve(r, l.double())
+    out = _backend.native()[0].dense_block_cpu("precondition", l, r)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_upper_triangle_is_not_read():
+    """Like torch.linalg.eigh, the solver reads the lower triangle; NaN there is an error."""
+    a = matrix("log", 100, 1e3)
+    check(a, *smallest_eigenvalue(_nan_above_diagonal(a)))
+    bad = a.clone()
+    bad[50, 3] = float("inf")
+    with pytest.raises(ValueError, match="matrix"):
+        smallest_eigenvalue(bad)
