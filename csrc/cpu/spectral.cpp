@@ -241,6 +241,24 @@ void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, in
   std::copy(x.begin(), x.end(), w.begin());
 }
 
+// Does T = (L L^T)^-1 act like (A + delta I)^-1 on the lowest Ritz pair (theta, x = column 0 of
+// X [d, k])? x^T T x (theta + delta) / x^T x is 1 for an exact factor and an exact eigenpair; a
+// factor reused from a matrix that moved by more than ~lambda_min leaves [0.8, 1.25]. (The same
+// test as spectral.py's _factor_fits, which checks a finished warm solve.)
+bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double theta,
+                 double delta, std::vector<float>& scratch) {
+  std::vector<double> x8(d * 8, 0.0), tx(d * 8);
+  for (int64_t r = 0; r < d; ++r) x8[r * 8] = x[r * k];
+  precondition(L, d, x8.data(), 8, tx.data(), scratch);
+  double xtx = 0, xx = 0;
+  for (int64_t r = 0; r < d; ++r) {
+    xtx += x8[r * 8] * tx[r * 8];
+    xx += x8[r * 8] * x8[r * 8];
+  }
+  const double ratio = xtx * (theta + delta) / std::max(xx, 1e-300);
+  return ratio >= 0.8 && ratio <= 1.25;
+}
+
 // The basis of the Davidson loop: V and AV = A V as [d, mmax] row-major buffers whose first m
 // columns are in use, and the projected matrix H = V^T A V [mmax, mmax], kept up to date
 // column block by column block (never recomputed whole).
@@ -398,7 +416,6 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
   extend_basis(a, basis, w, start_cols, scratch64);
   SmallEigh eigh(mmax);
   std::vector<double> theta(mmax), y(mmax * mmax), x(d * blk), ax(d * blk), r(d * blk);
-  double first_estimate = INFINITY;
   constexpr int64_t kStaleCheck = 4;
   int64_t nb = 0;
   for (int64_t it = 0;; ++it) {
@@ -421,10 +438,10 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
     }
     out.iterations = it;
     out.estimate = worst;
-    if (it == 0) first_estimate = worst;
-    if (reused && it == kStaleCheck && !(worst <= 1e-3 * first_estimate) && worst > tol) {
-      // A reused factor that barely helps is stale (the matrix moved by more than its smallest
-      // eigenvalue): build a fresh one and keep the basis built so far.
+    if (reused && it == kStaleCheck && worst > tol &&
+        !factor_fits(L, d, x.data(), nb, theta[0], delta, scratch32)) {
+      // The reused factor no longer acts like (A + delta I)^-1 near the bottom (the matrix moved
+      // by more than about its smallest eigenvalue): build a fresh one, keep the basis.
       if (preconditioner_factor(a_t, max_diag, &factor, &delta, one_thread.saved())) {
         out.factor = factor;
         out.delta = delta;
