@@ -233,14 +233,17 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
     d = a.shape[0]
     a64 = a.to(torch.float64)
     empty = a64.new_empty(0)
-    zeros = torch.zeros(d, d, dtype=torch.float32, device=a64.device)
+
+    def zeros():  # the factor output when no factor was built (dense paths)
+        return torch.zeros(d, d, dtype=torch.float32, device=a64.device)
+
     kind = _solver_kind(a64.device)
     if method == "eigh" or d <= DENSE_BELOW or kind == "dense":
         _check_finite_lower(name, a64)
         w, v = _dense_smallest(a64, nev)
         stats = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0 if method != "eigh" and d > DENSE_BELOW
                               else 0.0], dtype=torch.float64)
-        return w, v, zeros, stats
+        return w, v, zeros(), stats
     if kind == "cuda":
         _check_finite_lower(name, a64)
         a64 = _lower_symmetric64(a64)
@@ -255,10 +258,11 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
     if float(st[0]) < 0:
         raise ValueError(f"{name} contains NaN or infinity")
     converged = bool(st[1] > 0) and w.numel() == nev
-    if factor is not None and (not converged or not _factor_fits(f, v[:, 0], float(w[0]),
-                                                                 float(st[2]))):
+    if kind == "cuda" and factor is not None and (
+            not converged or not _factor_fits(f, v[:, 0], float(w[0]), float(st[2]))):
         # A reused factor only preconditions, but the stopping test reads its norm: if it no
-        # longer fits this matrix (or did not converge), redo with a fresh factor from here.
+        # longer fits this matrix (or did not converge), redo with a fresh factor from here
+        # (the CPU solver does this check itself).
         w, v, f, st = fn(a64, v[:, 0].contiguous() if w.numel() else
                          (empty if v0 is None else v0), empty, 0.0, nev, float(tol), iters)
         converged = bool(st[1] > 0) and w.numel() == nev
@@ -268,14 +272,14 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                       RuntimeWarning, stacklevel=4)
         w, v = _dense_smallest(a64, nev)
         stats = torch.cat([st.cpu(), st.new_ones(1).cpu()])
-        return w, v, (f if f.numel() else zeros), stats
+        return w, v, (f if f.numel() else zeros()), stats
     if not converged:
         warnings.warn(f"smallest_eigenvalue(method='lanczos'): not converged to tol={tol:g} in "
                       f"{iters} iterations (error estimate {float(st[3]):.2e}); returning the "
                       f"current estimate", RuntimeWarning, stacklevel=4)
         if w.numel() < nev:  # no preconditioner could be built: nothing to return but eigh
             w, v = _dense_smallest(a64, nev)
-    return w, v, (f if f.numel() else zeros), torch.cat([st.cpu(), st.new_zeros(1).cpu()])
+    return w, v, (f if f.numel() else zeros()), torch.cat([st.cpu(), st.new_zeros(1).cpu()])
 
 
 def _factor_fits(factor: Tensor, x: Tensor, theta: float, delta: float) -> bool:

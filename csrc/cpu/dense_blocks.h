@@ -245,7 +245,7 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst) {
 // Triangular solves with a lower-triangular row-major L [d, d] on X [d, k] (leading dim k), in
 // blocks of kTriBlock rows: the off-diagonal part of each block is one thin product above, the
 // diagonal part a short serial loop.
-constexpr int64_t kTriBlock = 16;
+constexpr int64_t kTriBlock = 8;
 
 // X <- L^-1 X (left-looking: each block first subtracts the rows already solved).
 template <typename T>

@@ -491,6 +491,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
   at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
   EigOut r = davidson(a, v, f, delta, nev, tol, max_iter);
+  if (f.defined() && r.values.defined() && !r.refactored) {
+    // A reused factor only preconditions, but the stopping test reads its norm: if it does not
+    // fit this matrix at the answer (or the solve did not converge), solve again with a fresh
+    // factor, starting from the answer.
+    at::Tensor x = r.vectors.narrow(1, 0, 1).contiguous();
+    std::vector<float> scratch;
+    if (!r.converged || !factor_fits(r.factor.data_ptr<float>(), d, x.data_ptr<double>(), 1,
+                                     r.values[0].item<double>(), r.delta, scratch))
+      r = davidson(a, x, at::Tensor(), 0.0, nev, tol, max_iter);
+  }
   if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
   at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
                                 at::kDouble);
