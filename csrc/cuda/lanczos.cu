@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "common/registry.h"
-#include "common/davidson_blocks.h"
+#include "cuda/davidson_blocks.h"
 #include "common/spectral_math.h"
 
 namespace calrft {
