@@ -4,8 +4,13 @@ import warnings
 import pytest
 import torch
 
+from calrft_kernels import _backend
 from calrft_kernels.spectral import (covariance_sigma_min, orthogonality_loss,
                                      smallest_singular_value)
+
+
+def _native():
+    return _backend.native()[0]
 
 
 def features(b, d, mean=50.0, dtype=torch.float32, kappa_sqrt=1e2):
@@ -29,6 +34,59 @@ def test_value_large_mean(b, d, dtype):
     assert value.dtype == dtype and vec.shape == (d,)
     ref = ref_lambda_min(z)
     assert abs(float(value) - float(ref)) <= 1e-4 * float(ref)
+
+
+@pytest.mark.parametrize("b,d", [(260, 65), (1100, 257), (2053, 512)])
+def test_fp32_accumulation_certified_to_fp64_accuracy(b, d):
+    """Default (accumulate="fp64") on fp32 features: Sigma is formed in fp32, and the answer is
+    the exact Rayleigh quotient on the features' covariance, certified by the stopping test on
+    the exact residual: fp64-level accuracy (the fp32 covariance alone is ~1e-5 off)."""
+    from calrft_kernels import spectral
+    z = features(b, d)
+    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    assert certified is not None                       # this path answered, no fp64 Sigma
+    value, _, info = covariance_sigma_min(z, return_vector=True, return_info=True)
+    ref = float(ref_lambda_min(z))
+    assert abs(float(certified[0][0]) - ref) <= 1e-6 * ref
+    assert abs(float(value) - ref) <= 1e-6 * ref and info.error_estimate <= 1e-6
+    fp32_only = float(covariance_sigma_min(z, accumulate="fp32"))
+    assert abs(fp32_only - ref) > abs(float(certified[0][0]) - ref)   # the refinement did work
+
+
+@pytest.mark.skipif(_native() is None, reason="native extension not built")
+@pytest.mark.parametrize("b,d,p", [(7, 5, 1), (130, 65, 3), (301, 9, 8), (640, 97, 11)])
+def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
+    """refine_covariance_eig_cpu runs the solver on Sigma = Zc^T Zc / (B - 1) applied from z (never
+    formed): from any start block it converges to float64 eigvalsh of that Sigma."""
+    z = features(b, d, mean=3.0)
+    x, _ = torch.linalg.qr(torch.randn(d, p, dtype=torch.float64))
+    z64 = z.double()
+    mean = z64.mean(0)
+    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
+    delta = 1e-7 * float(sigma.diagonal().max())
+    factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(d))
+    values, vectors, stats = _native().refine_covariance_eig_cpu(
+        z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-10, 100)
+    ref = torch.linalg.eigvalsh(sigma)[0]
+    assert float(stats[1]) == 1.0
+    assert abs(float(values[0]) - float(ref)) <= 1e-8 * float(ref)
+    v = vectors[:, 0]
+    assert float((sigma @ v - values[0] * v).norm()) <= 1e-3 * float(ref)
+
+
+def test_fp32_path_at_condition_1e8_and_its_fallback(monkeypatch):
+    """Condition number 1e8: the fp32-accumulated Sigma is ~1e-3 off at the bottom, the exact-
+    covariance steps still certify 1e-6; when they are not allowed to (0 steps), the answer is
+    refused and the fp64 covariance answers instead."""
+    from calrft_kernels import spectral
+    z = features(2000, 100, mean=10.0, kappa_sqrt=1e4)
+    ref = float(ref_lambda_min(z))
+    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    assert certified is not None and abs(float(certified[0][0]) - ref) <= 1e-6 * ref
+    monkeypatch.setattr(spectral, "_REFINE_MAX_STEPS", 0)
+    assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
+    value = covariance_sigma_min(z)
+    assert abs(float(value) - ref) <= 1e-6 * ref
 
 
 def test_half_inputs():

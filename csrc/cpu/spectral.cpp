@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -259,6 +260,17 @@ bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double t
   return ratio >= 0.8 && ratio <= 1.25;
 }
 
+// The operator of the Davidson loop: out [d, k] = A w for w [d, k] (row-major, leading dim k).
+// A matrix (its lower triangle, symm_lower) or a covariance given by its features.
+using ApplyOperator = std::function<void(const double* w, int64_t k, double* out)>;
+
+struct Problem {
+  int64_t d;
+  ApplyOperator apply;
+  double max_diag;                    // max_i A_ii: the shift and the rounding floor
+  const at::Tensor* matrix = nullptr; // for (re)factorisation; null: the factor is given, kept
+};
+
 // The basis of the Davidson loop: V and AV = A V as [d, mmax] row-major buffers whose first m
 // columns are in use, and the projected matrix H = V^T A V [mmax, mmax], kept up to date
 // column block by column block (never recomputed whole).
@@ -275,7 +287,7 @@ struct Basis {
 // keeps less than 1e-8 of its length is in the span already and is dropped, as are columns
 // beyond the basis capacity. Appends the survivors to the basis with their images A w and the
 // new columns of H; returns how many.
-int64_t extend_basis(const double* a, Basis& b, std::vector<double>& w, int64_t k,
+int64_t extend_basis(const ApplyOperator& apply, Basis& b, std::vector<double>& w, int64_t k,
                      std::vector<double>& scratch) {
   const int64_t d = b.d, m = b.m, add_max = std::min(k, b.mmax - m);
   std::vector<double> c(std::max<int64_t>(m, 1) * k);
@@ -326,7 +338,7 @@ int64_t extend_basis(const double* a, Basis& b, std::vector<double>& w, int64_t 
   }
   dense::transpose<double>(k, d, wt, d, w.data());
   std::vector<double> aw(d * k), h((m + add) * k);
-  dense::symm_lower<double>(d, a, d, w.data(), k, aw.data(), k, k);
+  apply(w.data(), k, aw.data());
   for (int64_t r = 0; r < d; ++r)
     for (int64_t i = 0; i < add; ++i) {
       b.V[r * b.mmax + m + i] = w[r * k + i];
@@ -371,17 +383,17 @@ void restart_basis(Basis& b, const std::vector<double>& y, const std::vector<dou
 // more than the whole solve (d = 512: 0.9 ms with 2 sweeps, 1.9-2.1 ms with 8).
 constexpr int kPreSweeps = 8, kWarmPreSweeps = 2;
 
-EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, double delta,
+EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor, double delta,
                 int64_t nev, double tol, int64_t max_iter) {
-  const int64_t d = a_t.size(0);
-  const double* a = a_t.data_ptr<double>();
+  const int64_t d = problem.d;
   EigOut out;
-  const double max_diag = a_t.diagonal().max().item<double>();
+  const double max_diag = problem.max_diag;
   const double floor_abs = std::max(max_diag, 1e-300) * 1e-14 * double(d);
   const bool reused = factor.defined();
   SingleThreadScope one_thread;
   if (!factor.defined()) {
-    if (!preconditioner_factor(a_t, max_diag, &factor, &delta, one_thread.saved()))
+    if (problem.matrix == nullptr ||
+        !preconditioner_factor(*problem.matrix, max_diag, &factor, &delta, one_thread.saved()))
       return out;  // not converged
   }
   out.factor = factor;
@@ -396,13 +408,14 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
   // Start block: the given vectors (warm start) then seeded random columns (deterministic
   // results for a given input), swept by the preconditioner.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
-  at::Tensor start = at::randn({d, start_cols}, gen, a_t.options());
+  at::Tensor start = at::randn({d, start_cols}, gen, at::kDouble);
   if (given > 0) start.narrow(1, 0, std::min(given, start_cols)).copy_(v0.narrow(1, 0, std::min(given, start_cols)));
   std::vector<double> w(start.data_ptr<double>(), start.data_ptr<double>() + d * start_cols);
   std::vector<double> scratch64;
   std::vector<float> scratch32;
   const float* L = factor.data_ptr<float>();
-  preconditioner_sweeps(L, d, w, start_cols, given > 0 ? kWarmPreSweeps : kPreSweeps);
+  if (start_cols > given)  // (a start block of given vectors only is not swept at all)
+    preconditioner_sweeps(L, d, w, start_cols, given > 0 ? kWarmPreSweeps : kPreSweeps);
   // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
   // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
   // neighbours.
@@ -413,7 +426,7 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
       for (int64_t c = 0; c < std::min(given, start_cols); ++c)
         w[r * start_cols + c] = pv[r * given + c];
   }
-  extend_basis(a, basis, w, start_cols, scratch64);
+  extend_basis(problem.apply, basis, w, start_cols, scratch64);
   SmallEigh eigh(mmax);
   std::vector<double> theta(mmax), y(mmax * mmax), x(d * blk), ax(d * blk), r(d * blk);
   constexpr int64_t kStaleCheck = 4;
@@ -438,11 +451,11 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
     }
     out.iterations = it;
     out.estimate = worst;
-    if (reused && it == kStaleCheck && worst > tol &&
+    if (reused && problem.matrix != nullptr && it == kStaleCheck && worst > tol &&
         !factor_fits(L, d, x.data(), nb, theta[0], delta, scratch32)) {
       // The reused factor no longer acts like (A + delta I)^-1 near the bottom (the matrix moved
       // by more than about its smallest eigenvalue): build a fresh one, keep the basis.
-      if (preconditioner_factor(a_t, max_diag, &factor, &delta, one_thread.saved())) {
+      if (preconditioner_factor(*problem.matrix, max_diag, &factor, &delta, one_thread.saved())) {
         out.factor = factor;
         out.delta = delta;
         out.refactored = true;
@@ -451,12 +464,13 @@ EigOut davidson(const at::Tensor& a_t, const at::Tensor& v0, at::Tensor factor, 
     }
     if (worst <= tol || m == d) { out.converged = true; break; }
     if (it >= max_iter) break;
-    if (m + blk > mmax) restart_basis(basis, y, theta, keep, scratch64);
-    if (extend_basis(a, basis, w, nb, scratch64) == 0) break;  // no new direction: stagnated
+    if (m + blk > mmax && keep < m) restart_basis(basis, y, theta, keep, scratch64);
+    if (extend_basis(problem.apply, basis, w, nb, scratch64) == 0) break;  // stagnated
   }
-  const int64_t k = std::min(nev, nb);
-  out.values = at::tensor(std::vector<double>(theta.begin(), theta.begin() + k), at::kDouble);
-  at::Tensor vecs = at::from_blob(x.data(), {d, nb}, at::kDouble).narrow(1, 0, k).clone();
+  // The whole final block: the caller reads the nev wanted pairs; the next ones serve as a gap
+  // estimate and a refinement basis (refine_covariance_eig_cpu).
+  out.values = at::tensor(std::vector<double>(theta.begin(), theta.begin() + nb), at::kDouble);
+  at::Tensor vecs = at::from_blob(x.data(), {d, nb}, at::kDouble).clone();
   out.vectors = vecs / vecs.norm(2, {0}, true);
   return out;
 }
@@ -471,7 +485,8 @@ int64_t nonfinite_lower(const double* a, int64_t d) {
 }
 
 // Smallest eigenpairs of the symmetric matrix whose LOWER triangle is that of `matrix` (the upper
-// triangle is not read, as in torch.linalg.eigh). Returns (values [k] fp64, vectors [d, k] fp64,
+// triangle is not read, as in torch.linalg.eigh). Returns (values [nb] and vectors [d, nb] fp64:
+// the final Ritz block, nb >= k,
 // factor fp32, stats fp64 [iterations, converged, delta, estimate]); `factor` may be an empty
 // tensor (then computed, and returned for reuse). iterations = -1: the lower triangle holds a
 // NaN or infinity (nothing was solved); empty values otherwise: no factor could be built.
@@ -490,7 +505,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   at::Tensor f = factor.numel() ? factor.to(at::kFloat).contiguous() : at::Tensor();
   // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
   at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
-  EigOut r = davidson(a, v, f, delta, nev, tol, max_iter);
+  const double* pa = a.data_ptr<double>();
+  const Problem problem{d, [pa, d](const double* w, int64_t k, double* out) {
+                          dense::symm_lower<double>(d, pa, d, w, k, out, k, k);
+                        }, a.diagonal().max().item<double>(), &a};
+  EigOut r = davidson(problem, v, f, delta, nev, tol, max_iter);
   if (f.defined() && r.values.defined() && !r.refactored) {
     // A reused factor only preconditions, but the stopping test reads its norm: if it does not
     // fit this matrix at the answer (or the solve did not converge), solve again with a fresh
@@ -499,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
     std::vector<float> scratch;
     if (!r.converged || !factor_fits(r.factor.data_ptr<float>(), d, x.data_ptr<double>(), 1,
                                      r.values[0].item<double>(), r.delta, scratch))
-      r = davidson(a, x, at::Tensor(), 0.0, nev, tol, max_iter);
+      r = davidson(problem, x, at::Tensor(), 0.0, nev, tol, max_iter);
   }
   if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
   at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
@@ -554,6 +573,89 @@ std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& a_in) {
   return {w, v};
 }
 
+// Sigma W = Zc^T (Zc W) / (B - c) for the covariance of fp32 features z [B, d] (mean fp64), in
+// fp64 sums of exact products, never forming Sigma: two passes over z, O(B d k). Rows of z in
+// groups of 4 and columns of W in chunks of 8 (the register tiles of dense_blocks.h): U = Z W
+// for the 4 rows, then out += Z_rows^T U.
+void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, double correction,
+                      const double* w, int64_t k, double* out) {
+  using V = dense::Chunk<double>::vec;
+  constexpr int NV = dense::Chunk<double>::kVecs, R = 4;
+  if (k % 8 != 0) {  // (d < 8 only) pad W with zero columns
+    const int64_t kp = k + 8 - k % 8;
+    std::vector<double> wp(d * kp, 0.0), op(d * kp);
+    for (int64_t j = 0; j < d; ++j) std::copy(w + j * k, w + (j + 1) * k, wp.data() + j * kp);
+    covariance_times(z, B, d, mean, correction, wp.data(), kp, op.data());
+    for (int64_t j = 0; j < d; ++j) std::copy(op.data() + j * kp, op.data() + j * kp + k, out + j * k);
+    return;
+  }
+  std::vector<double> mw(k, 0.0), usum(k, 0.0);
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t c = 0; c < k; ++c) mw[c] += mean[j] * w[j * k + c];
+  std::fill(out, out + d * k, 0.0);
+  auto rows_pass = [&](int64_t b0, int rows) {
+    for (int64_t c0 = 0; c0 < k; c0 += 8) {
+      V u[R][NV] = {};
+      for (int64_t j = 0; j < d; ++j) {
+        V wj[NV];
+        dense::load8<double>(wj, w + j * k + c0);
+        for (int q = 0; q < rows; ++q) {
+          const double zq = z[(b0 + q) * d + j];
+          for (int v = 0; v < NV; ++v) u[q][v] += wj[v] * zq;
+        }
+      }
+      V m[NV];
+      dense::load8<double>(m, mw.data() + c0);
+      for (int q = 0; q < rows; ++q) {
+        for (int v = 0; v < NV; ++v) u[q][v] -= m[v];
+        V acc[NV];
+        dense::load8<double>(acc, usum.data() + c0);
+        for (int v = 0; v < NV; ++v) acc[v] += u[q][v];
+        dense::store8<double>(usum.data() + c0, acc);
+      }
+      for (int64_t j = 0; j < d; ++j) {
+        V o[NV];
+        dense::load8<double>(o, out + j * k + c0);
+        for (int q = 0; q < rows; ++q) {
+          const double zq = z[(b0 + q) * d + j];
+          for (int v = 0; v < NV; ++v) o[v] += u[q][v] * zq;
+        }
+        dense::store8<double>(out + j * k + c0, o);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + R <= B; b += R) rows_pass(b, R);
+  for (; b < B; ++b) rows_pass(b, 1);
+  const double scale = 1.0 / (double(B) - correction);
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t c = 0; c < k; ++c) out[j * k + c] = (out[j * k + c] - mean[j] * usum[c]) * scale;
+}
+
+// The solver on the EXACT covariance of fp32 features z, given only through covariance_times:
+// it starts from `x` (the final Ritz block of a solve on the covariance formed with fp32
+// accumulation, whose fp32 factor preconditions) and usually stops at once or after a step:
+// fp32 rounding mostly mixes the nearly degenerate bottom eigenvectors, which that block spans.
+// Same outputs as smallest_eig_cpu; the factor is never rebuilt (no matrix to build it from).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
+    const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& x, const at::Tensor& factor,
+    double delta, double correction, double max_diag, double tol, int64_t max_iter) {
+  TORCH_CHECK(z_in.dim() == 2 && z_in.scalar_type() == at::kFloat, "z must be 2-D fp32");
+  const at::Tensor z = z_in.contiguous(), mean = mean_in.to(at::kDouble).contiguous();
+  const int64_t B = z.size(0), d = z.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == d && factor.size(0) == d, "shape mismatch");
+  const float* pz = z.data_ptr<float>();
+  const double* pm = mean.data_ptr<double>();
+  const Problem problem{d, [=](const double* w, int64_t k, double* out) {
+                          covariance_times(pz, B, d, pm, correction, w, k, out);
+                        }, max_diag, nullptr};
+  EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
+                      factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
+  at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta,
+                                 r.estimate}, at::kDouble);
+  return {r.values, r.vectors, stats};
+}
+
 // Elementwise Chan merge of two comoment matrices (fp64): used by CovarianceAccumulator.merge.
 at::Tensor chan_merge_cpu(const at::Tensor& ma, const at::Tensor& mb, const at::Tensor& dm,
                           double na, double nb) {
@@ -583,6 +685,8 @@ void register_spectral_cpu(pybind11::module_& m) {
         pybind11::arg("max_iter"));
   m.def("dense_block_cpu", &dense_block_cpu, "thin-block kernels of the Davidson loop (tests)");
   m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
+  m.def("refine_covariance_eig_cpu", &refine_covariance_eig_cpu,
+        "exact Rayleigh quotient + error bound of a covariance eigenpair, from the features");
   m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
 }
 
