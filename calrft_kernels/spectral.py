@@ -348,7 +348,8 @@ _smallest_eig_op.register_autograd(_smallest_eig_backward, setup_context=_smalle
 def smallest_eigenvalue(matrix: Tensor, *, v0: Optional[Tensor] = None, tol: float = 1e-6,
                         max_iter: Optional[int] = None, method: str = "auto",
                         factor: Optional[Tensor] = None, return_info: bool = False):
-    """Smallest eigenvalue and its unit eigenvector of a symmetric PSD matrix [d, d].
+    """Smallest eigenvalue and its unit eigenvector of a symmetric PSD matrix [d, d]. Only the
+    lower triangle is read (as torch.linalg.eigh does); a NaN/inf there raises ValueError.
 
     method: "lanczos" - the iterative shift-invert solver (preconditioned block Davidson, see the
     module doc; no fallback, warns if not converged); "eigh" - dense fp64 reference; "auto" -
