@@ -64,83 +64,53 @@ inline void finish8(T* c, const typename Chunk<T>::vec* acc, T alpha, T beta) {
 template <typename T>
 constexpr int kTileRows = 8 / Chunk<T>::kVecs;
 
-// C[rows, k] = beta C + alpha A[rows, inner] B[inner, k]. C must not overlap A or B.
-// Row tiles outside, column chunks inside: a tile's rows of A (R x inner) stay in L1/L2 while
-// every chunk of B passes, so A itself streams from memory once whatever k is.
+// The one register-tiled product both thin GEMMs below are: C[o, 0:k] = beta C + alpha
+// sum_t S(o, t) B[t, 0:k] for o < outs, t < inner, where S(o, t) = s[o * so + t * st] (a strided
+// view: A with (lda, 1), or a transposed M with (1, ldm)). Output tiles of kTileRows rows outside,
+// column chunks of 8 inside: a tile's rows of S stay in L1/L2 while every chunk of B passes, so S
+// streams from memory once whatever k is. C must not overlap S or B.
 template <typename T>
-void gemm_nn(int64_t rows, int64_t inner, int64_t k, const T* A, int64_t lda, const T* B,
-             int64_t ldb, T* C, int64_t ldc, T alpha, T beta) {
+void gemm_strided(int64_t outs, int64_t inner, int64_t k, const T* s, int64_t so, int64_t st,
+                  const T* B, int64_t ldb, T* C, int64_t ldc, T alpha, T beta) {
   using V = typename Chunk<T>::vec;
   constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T>;
   const int64_t k8 = k - k % 8;
-  int64_t r = 0;
-  for (; r + R <= rows; r += R) {
-    const T* a = A + r * lda;
+  auto tile = [&](int64_t o0, int rows) {
     for (int64_t c0 = 0; c0 < k8; c0 += 8) {
       V acc[R][NV] = {};
-      for (int64_t j = 0; j < inner; ++j) {
+      for (int64_t t = 0; t < inner; ++t) {
         V b[NV];
-        load8<T>(b, B + j * ldb + c0);
-        for (int q = 0; q < R; ++q)
-          for (int v = 0; v < NV; ++v) acc[q][v] += b[v] * a[q * lda + j];
+        load8<T>(b, B + t * ldb + c0);
+        const T* src = s + o0 * so + t * st;
+        for (int q = 0; q < rows; ++q)
+          for (int v = 0; v < NV; ++v) acc[q][v] += b[v] * src[q * so];
       }
-      for (int q = 0; q < R; ++q) finish8<T>(C + (r + q) * ldc + c0, acc[q], alpha, beta);
+      for (int q = 0; q < rows; ++q) finish8<T>(C + (o0 + q) * ldc + c0, acc[q], alpha, beta);
     }
-  }
-  for (; r < rows; ++r)
-    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
-      V acc[NV] = {};
-      for (int64_t j = 0; j < inner; ++j) {
-        V b[NV];
-        load8<T>(b, B + j * ldb + c0);
-        for (int v = 0; v < NV; ++v) acc[v] += b[v] * A[r * lda + j];
-      }
-      finish8<T>(C + r * ldc + c0, acc, alpha, beta);
-    }
-  for (int64_t r = 0; r < rows && k8 < k; ++r)
+  };
+  int64_t o = 0;
+  for (; o + R <= outs; o += R) tile(o, R);  // constant trip count: the tile stays in registers
+  for (; o < outs; ++o) tile(o, 1);
+  for (int64_t o2 = 0; o2 < outs && k8 < k; ++o2)  // leftover columns (k not a multiple of 8)
     for (int64_t c = k8; c < k; ++c) {
-      T s = 0;
-      for (int64_t j = 0; j < inner; ++j) s += A[r * lda + j] * B[j * ldb + c];
-      C[r * ldc + c] = (beta == T(0) ? T(0) : beta * C[r * ldc + c]) + alpha * s;
+      T sum = 0;
+      for (int64_t t = 0; t < inner; ++t) sum += s[o2 * so + t * st] * B[t * ldb + c];
+      C[o2 * ldc + c] = (beta == T(0) ? T(0) : beta * C[o2 * ldc + c]) + alpha * sum;
     }
 }
 
-// C[cols, k] = beta C + alpha M[rows, cols]^T W[rows, k]. C must not overlap M or W.
+// C[rows, k] = beta C + alpha A[rows, inner] B[inner, k].
+template <typename T>
+void gemm_nn(int64_t rows, int64_t inner, int64_t k, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T* C, int64_t ldc, T alpha, T beta) {
+  gemm_strided<T>(rows, inner, k, A, lda, 1, B, ldb, C, ldc, alpha, beta);
+}
+
+// C[cols, k] = beta C + alpha M[rows, cols]^T W[rows, k].
 template <typename T>
 void gemm_tn(int64_t rows, int64_t cols, int64_t k, const T* M, int64_t ldm, const T* W,
              int64_t ldw, T* C, int64_t ldc, T alpha, T beta) {
-  using V = typename Chunk<T>::vec;
-  constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T>;
-  const int64_t k8 = k - k % 8;
-  int64_t i = 0;
-  for (; i + R <= cols; i += R)
-    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
-      V acc[R][NV] = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        V w[NV];
-        load8<T>(w, W + r * ldw + c0);
-        const T* m = M + r * ldm + i;
-        for (int q = 0; q < R; ++q)
-          for (int v = 0; v < NV; ++v) acc[q][v] += w[v] * m[q];
-      }
-      for (int q = 0; q < R; ++q) finish8<T>(C + (i + q) * ldc + c0, acc[q], alpha, beta);
-    }
-  for (; i < cols; ++i)
-    for (int64_t c0 = 0; c0 < k8; c0 += 8) {
-      V acc[NV] = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        V w[NV];
-        load8<T>(w, W + r * ldw + c0);
-        for (int v = 0; v < NV; ++v) acc[v] += w[v] * M[r * ldm + i];
-      }
-      finish8<T>(C + i * ldc + c0, acc, alpha, beta);
-    }
-  for (int64_t i = 0; i < cols && k8 < k; ++i)
-    for (int64_t c = k8; c < k; ++c) {
-      T s = 0;
-      for (int64_t r = 0; r < rows; ++r) s += M[r * ldm + i] * W[r * ldw + c];
-      C[i * ldc + c] = (beta == T(0) ? T(0) : beta * C[i * ldc + c]) + alpha * s;
-    }
+  gemm_strided<T>(cols, rows, k, M, 1, ldm, W, ldw, C, ldc, alpha, beta);
 }
 
 // C[d, k] = S W for the symmetric S whose lower triangle is that of A [d, d] (the upper triangle
