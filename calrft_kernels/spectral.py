@@ -268,9 +268,11 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                          (empty if v0 is None else v0), empty, 0.0, nev, float(tol), iters)
         converged = bool(st[1] > 0) and w.numel() >= nev
     if not converged and method == "auto":
-        warnings.warn(f"smallest_eigenvalue: the iteration did not reach tol={tol:g} in {iters} "
-                      f"iterations (error estimate {float(st[3]):.2e}); using dense fp64 eigh",
-                      RuntimeWarning, stacklevel=4)
+        why = (f"the iteration did not reach tol={tol:g} in {iters} iterations (error estimate "
+               f"{float(st[3]):.2e})" if w.numel() else "no fp32 preconditioner could be built "
+               "(is the matrix PSD, with entries inside the fp32 range?)")
+        warnings.warn(f"smallest_eigenvalue: {why}; using dense fp64 eigh", RuntimeWarning,
+                      stacklevel=4)
         w, v = _dense_smallest(a64, nev)
         stats = torch.cat([st.cpu(), st.new_ones(1).cpu()])
         return w, v, (f if f.numel() else zeros()), stats
@@ -406,9 +408,12 @@ def _cov_eig_fp32_certified(z, v0, factor, delta, tol, max_iter, correction):
     Sigma). None when that does not converge in _REFINE_MAX_STEPS steps (condition numbers where
     fp32 accumulation moves the bottom far): the caller then forms Sigma in fp64."""
     cov, mean = _covariance_impl(z, correction, "cpu", False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # a fallback here only means: no certificate
-        w, v, f, st = _solve(cov, v0, factor, delta, 1, tol, max_iter, "auto", name="z")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # a fallback here only means: no certificate
+            w, v, f, st = _solve(cov, v0, factor, delta, 1, tol, max_iter, "auto", name="z")
+    except ValueError:  # NaN/inf in Sigma_32: in z (the fp64 path says so) or an fp32 overflow
+        return None
     if float(st[4]) > 0 or float(st[1]) <= 0 or w.numel() < 2:
         return None
     values, vectors, rst = _backend.native()[0].refine_covariance_eig_cpu(

@@ -234,3 +234,13 @@ def test_torch_compile_aot_eager():
     ref = objective(z.detach().requires_grad_(), w.detach().requires_grad_())
     assert abs(float(out.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach()))
     assert z.grad is not None and w.grad is not None
+
+
+def test_fp32_overflow_takes_the_fp64_path():
+    """Features of size 1e20: their fp32-accumulated covariance overflows; the default path must
+    still answer from the fp64 covariance instead of reporting a NaN/inf that z does not hold."""
+    z = features(300, 64, mean=0.0, kappa_sqrt=10).double() * 1e20
+    ref = float(ref_lambda_min(z))
+    with pytest.warns(RuntimeWarning, match="fp32 range"):   # its 1e40 entries: no fp32 factor
+        value = covariance_sigma_min(z.float())
+    assert abs(float(value) - ref) <= 1e-4 * ref
