@@ -2,10 +2,13 @@
 //   covariance_cpu        centred covariance, fused: mean first (fp64), then chunks of rows are
 //                         centred into a small buffer and only the lower block-triangle of the
 //                         product is formed (a symmetric rank-k update does half the work).
-//   smallest_eig_cpu      smallest eigenpairs of a symmetric PSD matrix: block generalized
-//                         Davidson, preconditioned by an fp32 Cholesky factor of A + delta I,
-//                         with exact fp64 Rayleigh-Ritz and residuals (docs/spectral.md).
-//   jacobi_eigh_cpu       the shared small eigensolver of common/spectral_math.h (for tests).
+//   smallest_eig_cpu      smallest eigenpairs of the symmetric matrix of a lower triangle: block
+//                         generalized Davidson, preconditioned by an fp32 Cholesky factor of
+//                         A + delta I, with exact fp64 Rayleigh-Ritz and residuals
+//                         (docs/spectral.md); its thin products are cpu/dense_blocks.h's.
+//   refine_covariance_eig_cpu  the same loop on the exact covariance of fp32 features, applied
+//                         from the features (covariance_sigma_min's fp64-accurate default).
+//   jacobi_eigh_cpu, dense_block_cpu   the shared small eigensolver and the thin kernels, for tests.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -245,7 +248,7 @@ void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, in
 // Does T = (L L^T)^-1 act like (A + delta I)^-1 on the lowest Ritz pair (theta, x = column 0 of
 // X [d, k])? x^T T x (theta + delta) / x^T x is 1 for an exact factor and an exact eigenpair; a
 // factor reused from a matrix that moved by more than ~lambda_min leaves [0.8, 1.25]. (The same
-// test as spectral.py's _factor_fits, which checks a finished warm solve.)
+// test as spectral.py's _factor_fits, which the CUDA path runs on a finished warm solve.)
 bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double theta,
                  double delta, std::vector<float>& scratch) {
   std::vector<double> x8(d * 8, 0.0), tx(d * 8);
