@@ -1,15 +1,17 @@
 // Thin-block dense kernels of the CPU Davidson loop (csrc/cpu/spectral.cpp): a d x d matrix or a
-// d x m basis times a thin row-major block (k = 8..32 columns), the transposed product, and the
-// two triangular solves with the fp32 Cholesky factor.
+// d x m basis times a thin row-major block (k = 8..32 columns), the transposed product, the
+// product with a symmetric matrix stored as its lower triangle, and the two triangular solves
+// with the fp32 Cholesky factor.
 //
 // Why not BLAS: on this project's hosts (AMD EPYC, torch's MKL) dgemm of a 512 x 512 matrix with
-// 8 columns takes 0.38 ms and the two strsm 0.21 ms, where these loops take ~0.05 ms each: MKL
-// does not pick its fast paths on AMD, and a thin product is bound by reading the matrix once
-// (2 MiB, cache resident), which the loops below do with 8-16 independent accumulators.
+// 8 columns takes 0.38-0.54 ms and the two strsm 0.21 ms; these loops take 0.085 ms and 0.08 ms
+// (the product runs at ~49 GFLOP/s, one core's fp64 FMA peak). MKL does not pick its fast paths
+// on AMD, and a thin product needs many independent accumulators to hide the FMA latency.
 //
 // Layout: every matrix is row-major with an explicit leading dimension. Columns are processed in
 // chunks of 8 (one 32-byte vector of fp32, two of fp64; GCC vector extensions, so -mavx2 gives
-// YMM code and other targets still compile), rows in groups of 4; leftovers take a scalar path.
+// YMM code and other targets still compile), output rows in tiles of 4 (fp64) or 8 (fp32): 8
+// accumulator vectors either way; leftovers take a scalar path.
 #pragma once
 #include <algorithm>
 #include <cstdint>
