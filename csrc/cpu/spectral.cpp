@@ -106,7 +106,6 @@ struct EigOut {
   bool refactored = false;
 };
 
-// fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
 // LAPACK routines called straight from the torch library when it exports them (MKL builds do):
 // at::linalg_cholesky_ex / at::linalg_eigh copy to and from LAPACK's column-major layout and
 // add checks, ~1 ms for a 512 x 512 Cholesky and ~0.15 ms for a 48 x 48 eigh. Weak symbols:
@@ -408,11 +407,10 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   // 2 blk random columns for a cold start; a warm start adds blk - 1 to its vector(s).
   const int64_t start_cols = std::min(mmax, given > 0 ? std::max(blk, given) : 2 * blk);
   Basis basis(d, mmax);
-  // Start block: the given vectors (warm start) then seeded random columns (deterministic
-  // results for a given input), swept by the preconditioner.
+  // Start block: seeded random columns (deterministic results for a given input) swept by the
+  // preconditioner, then the given vectors (warm start) written over the first ones.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
   at::Tensor start = at::randn({d, start_cols}, gen, at::kDouble);
-  if (given > 0) start.narrow(1, 0, std::min(given, start_cols)).copy_(v0.narrow(1, 0, std::min(given, start_cols)));
   std::vector<double> w(start.data_ptr<double>(), start.data_ptr<double>() + d * start_cols);
   std::vector<double> scratch64;
   std::vector<float> scratch32;
@@ -478,6 +476,12 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   return out;
 }
 
+// [iterations, converged, delta, estimate]: how a solve went, as the Python layer reads it.
+at::Tensor solve_stats(const EigOut& r) {
+  return at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
+                    at::kDouble);
+}
+
 // Entries of the lower triangle that are NaN or infinite (the solver reads nothing else).
 int64_t nonfinite_lower(const double* a, int64_t d) {
   int64_t bad = 0;
@@ -489,8 +493,7 @@ int64_t nonfinite_lower(const double* a, int64_t d) {
 
 // Smallest eigenpairs of the symmetric matrix whose LOWER triangle is that of `matrix` (the upper
 // triangle is not read, as in torch.linalg.eigh). Returns (values [nb] and vectors [d, nb] fp64:
-// the final Ritz block, nb >= k,
-// factor fp32, stats fp64 [iterations, converged, delta, estimate]); `factor` may be an empty
+// the final Ritz block, nb >= k; factor fp32; stats fp64, solve_stats); `factor` may be an empty
 // tensor (then computed, and returned for reuse). iterations = -1: the lower triangle holds a
 // NaN or infinity (nothing was solved); empty values otherwise: no factor could be built.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
@@ -524,9 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
       r = davidson(problem, x, at::Tensor(), 0.0, nev, tol, max_iter);
   }
   if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
-  at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
-                                at::kDouble);
-  return {r.values, r.vectors, r.factor, stats};
+  return {r.values, r.vectors, r.factor, solve_stats(r)};
 }
 
 // The thin-block kernels of cpu/dense_blocks.h, for tests: op "nn" -> a @ w, "tn" -> a^T @ w,
@@ -654,9 +655,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
                         }, max_diag, nullptr};
   EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
                       factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
-  at::Tensor stats = at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta,
-                                 r.estimate}, at::kDouble);
-  return {r.values, r.vectors, stats};
+  return {r.values, r.vectors, solve_stats(r)};
 }
 
 // Elementwise Chan merge of two comoment matrices (fp64): used by CovarianceAccumulator.merge.
