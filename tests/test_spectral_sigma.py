@@ -114,6 +114,19 @@ def test_gradient_vs_eigvalsh_autograd():
     assert float((grad - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
+def test_gradient_of_the_certified_fp32_path():
+    """fp32 features, d = 65: the default answers through the fp32-covariance + exact-refinement
+    path; its vector must give the O(B d) backward of float64 autograd through eigvalsh."""
+    from calrft_kernels import spectral
+    z = features(521, 65, mean=3.0).requires_grad_()
+    assert spectral._cov_eig_fp32_certified(z.detach(), None, None, -1.0, 1e-10, None, 1) is not None
+    (grad,) = torch.autograd.grad(covariance_sigma_min(z, tol=1e-10), z)
+    z_ref = z.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.linalg.eigvalsh(torch.cov(z_ref.T))[0], z_ref)
+    assert grad.dtype == torch.float32
+    assert float((grad.double() - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
 def test_softmin_properties():
     z = features(500, 40, dtype=torch.float64, mean=1.0)
     lam = torch.linalg.eigvalsh(torch.cov(z.T))
