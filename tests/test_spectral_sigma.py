@@ -124,7 +124,8 @@ def test_gradient_of_the_certified_fp32_path():
     z_ref = z.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad(torch.linalg.eigvalsh(torch.cov(z_ref.T))[0], z_ref)
     assert grad.dtype == torch.float32
-    assert float((grad.double() - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+    # 3e-5 measured; the unrefined fp32-covariance vector is 7e-4 off, so this tells them apart
+    assert float((grad.double() - ref).abs().max()) <= 2e-4 * float(ref.abs().max())
 
 
 def test_softmin_properties():
