@@ -104,16 +104,19 @@ def _covariance_reference(z: Tensor, correction: float):
     return (zc.T @ zc) / (z.shape[0] - correction), mean
 
 
-def _covariance_impl(z: Tensor, correction: float, backend: str, fp64: bool = False):
+def _covariance_impl(z: Tensor, correction: float, backend: str, fp64: bool = False,
+                     lower_only: bool = False):
     """(cov [d, d] in fp32/fp64, mean [d] fp64) from any backend. fp64=True: accumulate in fp64
-    whatever z's dtype (what an accurate lambda_min of an ill-conditioned Sigma needs)."""
+    whatever z's dtype (what an accurate lambda_min of an ill-conditioned Sigma needs).
+    lower_only=True: the solver's input; the CPU kernel then leaves the strict upper triangle
+    zero instead of mirroring it (other backends return the full matrix)."""
     which = _backend.resolve(backend, z.device, "batch_covariance", cuda_symbol="covariance_cuda")
     z = z.contiguous()
     if fp64 and z.dtype != torch.float64 and which != "cpu":
         # the GPU covariance kernels accumulate in fp32: use fp64 PyTorch there (a B x d copy)
         return _covariance_reference(z.to(torch.float64), correction)
     if which == "cpu":
-        cov, mean = _backend.native()[0].covariance_cpu(z, float(correction), fp64)
+        cov, mean = _backend.native()[0].covariance_cpu(z, float(correction), fp64, lower_only)
     elif which == "cuda":
         cov, mean = _backend.native()[0].covariance_cuda(z, float(correction))
     elif which == "triton":
@@ -232,14 +235,17 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
     lower triangle holds a NaN or infinity; never raises on non-convergence. `values` and
     `vectors` may hold more than nev pairs (the iteration's final Ritz block): callers slice."""
     d = a.shape[0]
-    a64 = a.to(torch.float64)
-    empty = a64.new_empty(0)
+    kind = _solver_kind(a.device)
+    # The CPU solver reads fp32 and fp64 matrices as they are (its sums are fp64 either way).
+    native_dtype = kind == "cpu" and a.dtype in (torch.float32, torch.float64)
+    a64 = a if native_dtype else a.to(torch.float64)
+    empty = a64.new_empty(0, dtype=torch.float64)
 
     def zeros():  # the factor output when no factor was built (dense paths)
         return torch.zeros(d, d, dtype=torch.float32, device=a64.device)
 
-    kind = _solver_kind(a64.device)
     if method == "eigh" or d <= DENSE_BELOW or kind == "dense":
+        a64 = a64.to(torch.float64)
         _check_finite_lower(name, a64)
         w, v = _dense_smallest(a64, nev)
         stats = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0 if method != "eigh" and d > DENSE_BELOW
@@ -250,8 +256,9 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
         a64 = _lower_symmetric64(a64)
     if factor is not None and delta < 0:
         # the shift a reused factor was built with: diag(L L^T) - diag(A)
-        rebuilt = float(((factor.double() ** 2).sum(1) - a64.diagonal()).median())
-        delta = max(rebuilt, 1e-7 * float(a64.diagonal().max()))
+        diagonal = a64.diagonal().double()
+        rebuilt = float(((factor.double() ** 2).sum(1) - diagonal).median())
+        delta = max(rebuilt, 1e-7 * float(diagonal.max()))
     fn = getattr(_backend.native()[0], f"smallest_eig_{kind}")
     iters = DEFAULT_MAX_ITER if max_iter is None else max_iter
     w, v, f, st = fn(a64, empty if v0 is None else v0, empty if factor is None else factor,
@@ -273,7 +280,7 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                "(is the matrix PSD, with entries inside the fp32 range?)")
         warnings.warn(f"smallest_eigenvalue: {why}; using dense fp64 eigh", RuntimeWarning,
                       stacklevel=4)
-        w, v = _dense_smallest(a64, nev)
+        w, v = _dense_smallest(a64.double(), nev)
         stats = torch.cat([st.cpu(), st.new_ones(1).cpu()])
         return w, v, (f if f.numel() else zeros()), stats
     if not converged:
@@ -281,7 +288,7 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                       f"{iters} iterations (error estimate {float(st[3]):.2e}); returning the "
                       f"current estimate", RuntimeWarning, stacklevel=4)
         if w.numel() < nev:  # no preconditioner could be built: nothing to return but eigh
-            w, v = _dense_smallest(a64, nev)
+            w, v = _dense_smallest(a64.double(), nev)
     return w, v, (f if f.numel() else zeros()), torch.cat([st.cpu(), st.new_zeros(1).cpu()])
 
 
@@ -387,7 +394,7 @@ def _cov_eig_op(z: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta
         out = _cov_eig_fp32_certified(z, v0, factor, delta, tol, iters, correction)
         if out is not None:
             return out
-    cov, mean = _covariance_impl(z, correction, backend, fp64)
+    cov, mean = _covariance_impl(z, correction, backend, fp64, lower_only=True)
     w, v, f, st = _solve(cov, v0, factor, delta, nev, tol, iters, "auto", name="z")
     return w[:nev].clone(), v[:, :nev].clone(), mean, _no_alias(f, factor), st
 
@@ -407,7 +414,7 @@ def _cov_eig_fp32_certified(z, v0, factor, delta, tol, max_iter, correction):
     passes over z, nothing d x d in fp64; the stopping test now bounds the error on the exact
     Sigma). None when that does not converge in _REFINE_MAX_STEPS steps (condition numbers where
     fp32 accumulation moves the bottom far): the caller then forms Sigma in fp64."""
-    cov, mean = _covariance_impl(z, correction, "cpu", False)
+    cov, mean = _covariance_impl(z, correction, "cpu", False, lower_only=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # a fallback here only means: no certificate

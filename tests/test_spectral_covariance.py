@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from calrft_kernels import _backend
 from calrft_kernels.spectral import CovarianceAccumulator, batch_covariance
 
 
@@ -34,6 +35,24 @@ def test_large_mean_two_pass_quality(b, d, backend):
     assert got.dtype == torch.float32 and got.shape == (d, d)
     # one-pass fp32 (Z^T Z - B m m^T) would be off by ~50^2 * 1e-7 relative here
     assert rel_err(got, reference_cov(z)) < 2e-5
+
+
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+@pytest.mark.parametrize("fp64", [False, True])
+def test_native_chunks_blocks_and_lower_only(fp64):
+    """The CPU kernel past one chunk of rows (4068 at d = 1031: two chunks) and over nine
+    128-wide Gram blocks, the last one 7 wide; fp64 accumulation of fp32 input; and the solver's
+    lower_only form: the same lower triangle, exact zeros above it."""
+    z = features(4500, 1031)
+    ref = reference_cov(z)
+    native = _backend.native()[0]
+    full, mean = native.covariance_cpu(z, 1.0, fp64, False)
+    assert full.dtype == (torch.float64 if fp64 else torch.float32)
+    assert rel_err(full, ref) < (1e-12 if fp64 else 2e-5)
+    assert torch.equal(full, full.T)
+    assert float((mean - z.double().mean(0)).abs().max()) < 1e-9 * 50
+    lower, _ = native.covariance_cpu(z, 1.0, fp64, True)
+    assert torch.equal(lower, full.tril())
 
 
 def test_one_pass_formula_would_fail():

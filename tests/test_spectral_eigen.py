@@ -215,11 +215,25 @@ def test_preconditioner_solves(d, k):
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_upper_triangle_is_not_read():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_upper_triangle_is_not_read(dtype):
     """Like torch.linalg.eigh, the solver reads the lower triangle; NaN there is an error."""
-    a = matrix("log", 100, 1e3)
+    a = matrix("log", 100, 1e3, dtype)
     check(a, *smallest_eigenvalue(_nan_above_diagonal(a)))
     bad = a.clone()
     bad[50, 3] = float("inf")
     with pytest.raises(ValueError, match="matrix"):
         smallest_eigenvalue(bad)
+
+
+@pytest.mark.parametrize("d,kappa", [(257, 1e4), (512, 1e6)])
+def test_fp32_matrix_is_solved_as_received(d, kappa):
+    """An fp32 matrix goes to the solver as it is (fp64 products of its entries, no fp64 copy):
+    the answer is that of the fp64 solve of the same entries, to fp64 accuracy."""
+    a = matrix("log", d, kappa, torch.float32)
+    value, _, info = smallest_eigenvalue(a, return_info=True)
+    value64, _, info64 = smallest_eigenvalue(a.double(), return_info=True)
+    ref = float(torch.linalg.eigvalsh(a.double())[0])
+    assert info.converged and not info.fallback and info.method == info64.method
+    assert abs(float(value64) - ref) <= 1e-6 * ref
+    assert abs(float(value) - float(value64)) <= 2 * torch.finfo(torch.float32).eps * ref

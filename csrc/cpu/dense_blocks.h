@@ -119,8 +119,10 @@ void gemm_tn(int64_t rows, int64_t cols, int64_t k, const T* M, int64_t ldm, con
 // is never read, as in LAPACK's UPLO = 'L'): each entry below the diagonal is read once and
 // used twice (C_i += a_ij w_j, C_j += a_ij w_i), so the matrix streams half the bytes of a full
 // product. Row tiles of 2 (fp64) / 4 (fp32) keep both the tile's W rows and its sums in registers.
-template <typename T>
-void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* C, int64_t ldc,
+// A may be stored in a narrower type M than the sums (an fp32 matrix, fp64 products and sums:
+// exact products of its entries, and half the bytes streamed).
+template <typename T, typename M = T>
+void symm_lower(int64_t d, const M* A, int64_t lda, const T* W, int64_t ldw, T* C, int64_t ldc,
                 int64_t k) {
   using V = typename Chunk<T>::vec;
   constexpr int NV = Chunk<T>::kVecs, R = kTileRows<T> / 2;
@@ -129,7 +131,7 @@ void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* 
   auto diagonal_tile = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = r0; j <= i; ++j) {
-        const T a = A[i * lda + j];
+        const T a = T(A[i * lda + j]);
         for (int64_t c = c0; c < c1; ++c) {
           C[i * ldc + c] += a * W[j * ldw + c];
           if (j != i) C[j * ldc + c] += a * W[i * ldw + c];
@@ -138,7 +140,7 @@ void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* 
   };
   int64_t r0 = 0;
   for (; r0 + R <= d; r0 += R) {
-    const T* a = A + r0 * lda;
+    const M* a = A + r0 * lda;
     for (int64_t c0 = 0; c0 < k8; c0 += 8) {
       V acc[R][NV] = {}, wr[R][NV];
       for (int q = 0; q < R; ++q) load8<T>(wr[q], W + (r0 + q) * ldw + c0);
@@ -147,7 +149,7 @@ void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* 
         load8<T>(b, W + j * ldw + c0);
         load8<T>(o, C + j * ldc + c0);
         for (int q = 0; q < R; ++q) {
-          const T aq = a[q * lda + j];
+          const T aq = T(a[q * lda + j]);
           for (int v = 0; v < NV; ++v) {
             acc[q][v] += b[v] * aq;
             o[v] += wr[q][v] * aq;
@@ -167,7 +169,7 @@ void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* 
   if (k8 > 0 && r0 < d) {  // the last rows: off-diagonal part row by row, then their tile
     for (int64_t i = r0; i < d; ++i)
       for (int64_t j = 0; j < r0; ++j) {
-        const T a = A[i * lda + j];
+        const T a = T(A[i * lda + j]);
         for (int64_t c = 0; c < k8; ++c) {
           C[i * ldc + c] += a * W[j * ldw + c];
           C[j * ldc + c] += a * W[i * ldw + c];
@@ -178,14 +180,14 @@ void symm_lower(int64_t d, const T* A, int64_t lda, const T* W, int64_t ldw, T* 
   if (k8 < k) {  // leftover columns: plain loops over the lower triangle
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < i; ++j) {
-        const T a = A[i * lda + j];
+        const T a = T(A[i * lda + j]);
         for (int64_t c = k8; c < k; ++c) {
           C[i * ldc + c] += a * W[j * ldw + c];
           C[j * ldc + c] += a * W[i * ldw + c];
         }
       }
     for (int64_t i = 0; i < d; ++i)
-      for (int64_t c = k8; c < k; ++c) C[i * ldc + c] += A[i * lda + i] * W[i * ldw + c];
+      for (int64_t c = k8; c < k; ++c) C[i * ldc + c] += T(A[i * lda + i]) * W[i * ldw + c];
   }
 }
 

@@ -1,7 +1,7 @@
 // CPU kernels of the spectral ops (Python wrapper: calrft_kernels/spectral.py):
 //   covariance_cpu        centred covariance, fused: mean first (fp64), then chunks of rows are
 //                         centred into a small buffer and only the lower block-triangle of the
-//                         product is formed (a symmetric rank-k update does half the work).
+//                         product is formed, in place (a SYRK's work: about half a GEMM's).
 //   smallest_eig_cpu      smallest eigenpairs of the symmetric matrix of a lower triangle: block
 //                         generalized Davidson, preconditioned by an fp32 Cholesky factor of
 //                         A + delta I, with exact fp64 Rayleigh-Ritz and residuals
@@ -11,6 +11,7 @@
 //   jacobi_eigh_cpu, dense_block_cpu   the shared small eigensolver and the thin kernels, for tests.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/registry.h"
@@ -32,18 +34,137 @@ at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// BLAS GEMM straight from the torch library when it exports it (MKL builds do): the block
+// triangle of a Gram matrix is written in place, block column by block column, into strided
+// parts of the output, which ATen's mm would copy through a temporary. Weak symbols: the ATen
+// path in gram_upper_blocks takes over where a build lacks them.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const double* alpha, const double* a, const int* lda,
+                       const double* b, const int* ldb, const double* beta, double* c,
+                       const int* ldc) __attribute__((weak));
+
+template <typename T>
+auto blas_gemm() {
+  if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
+}
+
+// Columns per block of the Gram product: n blocks do (n + 1) / 2n of a full GEMM's work
+// (d = 512: 4 blocks, 0.625; d = 1024: 8 blocks, 0.56), and 128-wide GEMMs still run near full
+// speed. Measured with MKL's sgemm, B = 4d (ms; full GEMM / ideal / these blocks):
+// d = 512: 5.6 / 3.5 / 3.7, d = 1024: 44 / 26 / 28.
+constexpr int64_t kGramBlock = 128;
+
+// ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles; sums[j] +=
+// sum_t ct[j, t] when sums is given. The Gram GEMMs below want the chunk transposed: with the
+// summed index contiguous in both operands, MKL runs the column blocks 1.2-1.3x faster (d =
+// 1024: 28 ms against 35 ms on the row-major chunk), and the centring pass was needed anyway.
+template <typename In, typename T>
+void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* ct, int64_t ld,
+                       double* sums) {
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (d + kTile - 1) / kTile;
+  // Each thread takes a contiguous range of column tiles and walks the rows block by block:
+  // a column stripe walked down all rows instead touched a new page of z per tile row (TLB
+  // misses: 10 ms at B = 4096, d = 1024, against 3 ms this way).
+  at::parallel_for(0, tiles, (tiles + 1) / 2, [&](int64_t b0, int64_t b1) {
+    const int64_t c0 = b0 * kTile, c1 = std::min(d, b1 * kTile);
+    std::vector<double> acc(c1 - c0, 0.0);
+    T tile[kTile][kTile];
+    for (int64_t t0 = 0; t0 < rows; t0 += kTile) {
+      const int64_t nt = std::min(kTile, rows - t0);
+      for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
+        const int64_t nj = std::min(kTile, c1 - j0);
+        double* a = acc.data() + (j0 - c0);
+        for (int64_t t = 0; t < nt; ++t) {  // a row of the tile: contiguous, vectorised
+          const In* zt = z + (t0 + t) * d + j0;
+          for (int64_t j = 0; j < nj; ++j) {
+            const T v = T(zt[j]) - shift[j0 + j];
+            tile[j][t] = v;
+            a[j] += double(v);
+          }
+        }
+        for (int64_t j = 0; j < nj; ++j) std::copy(tile[j], tile[j] + nt, ct + (j0 + j) * ld + t0);
+      }
+    }
+    if (sums != nullptr)
+      for (int64_t j = c0; j < c1; ++j) sums[j] += acc[j - c0];
+  });
+}
+
+// out[0:e, j0:e] (+)= ct[0:e] ct[j0:e]^T for every kGramBlock column block j0..e of the
+// row-major out [d, d], from the transposed chunk ct [d, ld] (rows columns in use): the UPPER
+// block-triangle of the chunk's Gram matrix (a SYRK's work; torch's BLAS exports no ssyrk).
+// accumulate=false overwrites.
+template <typename T>
+void gram_upper_blocks(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out,
+                       bool accumulate) {
+  for (int64_t j0 = 0; j0 < d; j0 += kGramBlock) {
+    const int64_t nj = std::min(kGramBlock, d - j0), e = j0 + nj;
+    if (auto gemm = blas_gemm<T>(); gemm != nullptr) {
+      // Column-major reading: ct is A [rows, d] (ld ld), out is out^T (ld d); the block is
+      // out^T[j0:e, 0:e] = A[:, j0:e]^T A[:, 0:e] (this operand order is MKL's fast one).
+      const int m = int(nj), n = int(e), k = int(rows), lda = int(ld), ldc = int(d);
+      const T one = 1, beta = accumulate ? 1 : 0;
+      gemm("T", "N", &m, &n, &k, &one, ct + j0 * ld, &lda, ct, &lda, &beta, out + j0, &ldc);
+      continue;
+    }
+    const auto dt = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
+    at::Tensor a = at::from_blob(const_cast<T*>(ct), {d, rows}, {ld, 1}, dt);
+    at::Tensor block = at::from_blob(out, {d, d}, dt).narrow(0, 0, e).narrow(1, j0, nj);
+    at::Tensor g = at::mm(a.narrow(0, 0, e), a.narrow(0, j0, nj).t());
+    if (accumulate) block.add_(g); else block.copy_(g);
+  }
+}
+
+// The last pass, from the upper triangle: out[i, j] = (out[j, i] - n e_i e_j) / denom for
+// j <= i (e: the offset of the centring shift from the mean, or none); the strict upper
+// triangle then becomes the mirror (full) or zeros (the solver reads only the lower one). Block
+// by block through a padded tile: read and written by rows, the transposition happens in the
+// tile (a column walk of out has a 2^k-byte stride that maps every access to one cache set: the
+// direct loop took 4.9 ms at d = 1024).
+template <typename T>
+void finish_from_upper(T* out, int64_t d, const double* e, double n, double denom, bool full) {
+  constexpr int64_t kTile = 64, kPad = kTile + 1;
+  const double inv = 1.0 / denom;
+  std::vector<T> tile(kTile * kPad);
+  for (int64_t j0 = 0; j0 < d; j0 += kTile)
+    for (int64_t i0 = j0; i0 < d; i0 += kTile) {  // the upper block out[j0.., i0..]
+      const int64_t nj = std::min(kTile, d - j0), ni = std::min(kTile, d - i0);
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        T* row = out + (j0 + jj) * d + i0;
+        const double ej = e ? n * e[j0 + jj] : 0.0;
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const double v = (double(row[ii]) - (e ? ej * e[i0 + ii] : 0.0)) * inv;
+          tile[jj * kPad + ii] = T(v);
+          if (i0 + ii > j0 + jj) row[ii] = full ? T(v) : T(0);
+        }
+      }
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        T* row = out + (i0 + ii) * d + j0;
+        for (int64_t jj = 0; jj < std::min(nj, i0 + ii - j0 + 1); ++jj)
+          row[jj] = tile[jj * kPad + ii];
+      }
+    }
+}
+
 // fp64_accumulate: centre and multiply in fp64 whatever the input dtype (chunk by chunk: never a
 // B x d fp64 copy). covariance_sigma_min needs it: fp32 accumulation perturbs Sigma by ~1e-7
 // ||Sigma||, i.e. the error of fp32 eigvalsh, on lambda_min of an ill-conditioned Sigma.
+// lower_only: the strict upper triangle is left zero (the solver reads the lower one only).
 //
-// Pass 1: the mean, summed in fp64. Pass 2: chunks of kChunk rows are centred straight into one
-// contiguous buffer per column block (the only copies: chunk x d), then the block-lower triangle
-// of the chunk's Gram matrix is accumulated (2 column blocks for d > 256: 3 of 4 block GEMMs).
-// Each block accumulator is contiguous (in-place GEMM into a strided view made ATen copy).
-std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double correction,
-                                                  bool fp64_accumulate) {
-  TORCH_CHECK(z_in.dim() == 2, "z must be 2-D");
-  constexpr int64_t kChunk = 8192;
+// Pass 1: the mean. Pass 2: chunks of rows are centred into one transposed buffer (the only
+// copy: chunk x d), and the upper block-triangle of each chunk's Gram matrix is added to the
+// output (gram_upper_blocks); the last pass moves it to the lower triangle and scales it.
+std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, double correction,
+                                                  bool fp64_accumulate, bool lower_only) {
+  TORCH_CHECK(z_arg.dim() == 2 && z_arg.size(1) > 0, "z must be 2-D with at least one column");
+  const at::Tensor z_in = z_arg.contiguous();
+  // chunks of <= 2^22 entries (16 MB of fp32; rows in [256, 8192]: 4096 at d = 1024)
+  constexpr int64_t kChunkEntries = int64_t(1) << 22;
   const int64_t B = z_in.size(0), d = z_in.size(1);
   const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
   // fp32 compute: the first-pass mean is a plain fp32 sum (z.sum(0, fp64) converts every entry:
@@ -57,42 +178,32 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_in, double
   at::Tensor mean_c = mean.to(ct);
   if (shifted) mean = mean_c.to(at::kDouble);  // the shift actually subtracted
   at::Tensor residual_sum = at::zeros({d}, z_in.options().dtype(at::kDouble));
-  const int64_t nblocks = d > 256 ? 2 : 1, cb = (d + nblocks - 1) / nblocks;
-  const int64_t rows_max = std::min(kChunk, std::max<int64_t>(B, 1));
+  const int64_t chunk = std::min(std::clamp<int64_t>(kChunkEntries / d, 256, 8192),
+                                 std::max<int64_t>(B, 1));
   auto opts = z_in.options().dtype(ct);
-  std::vector<at::Tensor> buf, acc;  // buf[i]: chunk x block i; acc[i*(i+1)/2 + j]: block (i, j)
-  for (int64_t i = 0; i < nblocks; ++i) {
-    const int64_t ni = std::min(cb, d - i * cb);
-    buf.push_back(at::empty({rows_max, ni}, opts));
-    for (int64_t j = 0; j <= i; ++j)
-      acc.push_back(at::zeros({ni, std::min(cb, d - j * cb)}, opts));
-  }
-  for (int64_t r0 = 0; r0 < B; r0 += kChunk) {
-    const int64_t rows = std::min(kChunk, B - r0);
-    at::Tensor zr = z_in.narrow(0, r0, rows);
-    std::vector<at::Tensor> c(nblocks);
-    for (int64_t i = 0; i < nblocks; ++i) {
-      const int64_t ni = buf[i].size(1);
-      c[i] = buf[i].narrow(0, 0, rows);
-      at::sub_out(c[i], zr.narrow(1, i * cb, ni).to(ct), mean_c.narrow(0, i * cb, ni));
-      if (shifted) residual_sum.narrow(0, i * cb, ni).add_(c[i].sum(0).to(at::kDouble));
-    }
-    for (int64_t i = 0, k = 0; i < nblocks; ++i)
-      for (int64_t j = 0; j <= i; ++j, ++k) acc[k].addmm_(c[i].t(), c[j]);
-  }
+  at::Tensor buf = at::empty({d, chunk}, opts);  // the centred chunk, transposed
   at::Tensor out = at::empty({d, d}, opts);
-  for (int64_t i = 0, k = 0; i < nblocks; ++i)
-    for (int64_t j = 0; j <= i; ++j, ++k) {
-      const int64_t ni = acc[k].size(0), nj = acc[k].size(1);
-      out.narrow(0, i * cb, ni).narrow(1, j * cb, nj).copy_(acc[k]);
-      if (i != j) out.narrow(0, j * cb, nj).narrow(1, i * cb, ni).copy_(acc[k].t());
-    }
-  if (shifted && B > 0) {
-    at::Tensor e = residual_sum / double(B);
-    out.sub_((at::outer(e, e) * double(B)).to(ct));
-    mean = mean + e;
-  }
-  out.div_(double(B) - correction);
+  if (B == 0) out.zero_();
+  double* sums = shifted ? residual_sum.data_ptr<double>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z_in.scalar_type(), "covariance_cpu", [&] {
+    using In = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
+      const In* pz = z_in.data_ptr<In>();
+      scalar_t *pb = buf.data_ptr<scalar_t>(), *po = out.data_ptr<scalar_t>();
+      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+        const int64_t rows = std::min(chunk, B - r0);
+        centre_transposed(pz + r0 * d, rows, d, mean_c.data_ptr<scalar_t>(), pb, chunk, sums);
+        gram_upper_blocks(pb, chunk, rows, d, po, r0 > 0);
+      }
+    });
+  });
+  at::Tensor e = residual_sum / double(std::max<int64_t>(B, 1));
+  const double* pe = shifted ? e.data_ptr<double>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
+    finish_from_upper(out.data_ptr<scalar_t>(), d, pe, double(B), double(B) - correction,
+                      !lower_only);
+  });
+  if (shifted) mean += e;
   return {out, mean};
 }
 
@@ -142,7 +253,7 @@ bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor
   const int64_t d = a.size(0);
   double shift = sm::initial_shift(max_diag);
   for (int attempt = 0; attempt < 8; ++attempt, shift *= 10.0) {
-    at::Tensor shifted = a.to(at::kFloat);
+    at::Tensor shifted = a.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     float* p = shifted.data_ptr<float>();
     for (int64_t i = 0; i < d; ++i) p[i * d + i] = float(double(p[i * d + i]) + shift);
     if (cholesky_lower_inplace(shifted)) {
@@ -226,10 +337,7 @@ void precondition(const float* L, int64_t d, const double* r, int64_t k, double*
 // `sweeps` applications of (L L^T)^-1 to the columns of W [d, k] (row-major fp64), in fp32 with
 // all k columns in one block (each row tile of L is read once for all of them), every column
 // rescaled to max |w| = 1 after each sweep (a sweep multiplies by up to 1 / delta).
-// (Splitting the columns over the 2 threads of this host's 2 vCPUs bought nothing at d = 512.)
-void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, int64_t k,
-                           int sweeps) {
-  std::vector<float> x(w.begin(), w.end());
+void sweep_block(const float* L, int64_t d, std::vector<float>& x, int64_t k, int sweeps) {
   std::vector<float> big(k);
   for (int sweep = 0; sweep < sweeps; ++sweep) {
     dense::solve_lower<float>(L, d, x.data(), k);
@@ -241,7 +349,28 @@ void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, in
     for (int64_t r = 0; r < d; ++r)
       for (int64_t c = 0; c < k; ++c) x[r * k + c] *= big[c];
   }
-  std::copy(x.begin(), x.end(), w.begin());
+}
+
+// From kThreadedSweepMinDim on, the columns are split into `threads` groups of 8 swept in
+// parallel (OpenMP: the solver runs under SingleThreadScope). 16 columns, 8 sweeps, quiet host:
+// d = 512 1.1-1.35 -> 0.65-0.85 ms, d = 1024 4.7-5.2 -> 2.6-3.7 ms.
+constexpr int64_t kThreadedSweepMinDim = 384;
+
+void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, int64_t k,
+                           int sweeps, int threads) {
+  const int parts = d >= kThreadedSweepMinDim && k % 8 == 0
+                        ? int(std::clamp<int64_t>(threads, 1, k / 8)) : 1;
+  const int64_t cols = k / parts;  // (parts > 1 only when it divides k into chunks of 8)
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    const int64_t c0 = p * cols, n = p + 1 == parts ? k - c0 : cols;
+    std::vector<float> x(d * n);
+    for (int64_t r = 0; r < d; ++r)
+      for (int64_t c = 0; c < n; ++c) x[r * n + c] = float(w[r * k + c0 + c]);
+    sweep_block(L, d, x, n, sweeps);
+    for (int64_t r = 0; r < d; ++r)
+      for (int64_t c = 0; c < n; ++c) w[r * k + c0 + c] = double(x[r * n + c]);
+  }
 }
 
 // Does T = (L L^T)^-1 act like (A + delta I)^-1 on the lowest Ritz pair (theta, x = column 0 of
@@ -416,7 +545,8 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   std::vector<float> scratch32;
   const float* L = factor.data_ptr<float>();
   if (start_cols > given)  // (a start block of given vectors only is not swept at all)
-    preconditioner_sweeps(L, d, w, start_cols, given > 0 ? kWarmPreSweeps : kPreSweeps);
+    preconditioner_sweeps(L, d, w, start_cols, given > 0 ? kWarmPreSweeps : kPreSweeps,
+                          one_thread.saved());
   // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
   // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
   // neighbours.
@@ -483,11 +613,12 @@ at::Tensor solve_stats(const EigOut& r) {
 }
 
 // Entries of the lower triangle that are NaN or infinite (the solver reads nothing else).
-int64_t nonfinite_lower(const double* a, int64_t d) {
+template <typename M>
+int64_t nonfinite_lower(const M* a, int64_t d) {
   int64_t bad = 0;
   for (int64_t i = 0; i < d; ++i)
     for (int64_t j = 0; j <= i; ++j)
-      bad += !(std::fabs(a[i * d + j]) <= std::numeric_limits<double>::max());
+      bad += !(std::fabs(a[i * d + j]) <= std::numeric_limits<M>::max());
   return bad;
 }
 
@@ -500,21 +631,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
     const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor, double delta,
     int64_t nev, double tol, int64_t max_iter) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
-  at::Tensor a = a_in.to(at::kDouble).contiguous();
+  // An fp32 matrix is read as it is (its entries are exact in fp64; the products and sums are
+  // fp64 either way): no fp64 copy, and every product streams half the bytes.
+  const bool single = a_in.scalar_type() == at::kFloat;
+  at::Tensor a = single ? a_in.contiguous() : a_in.to(at::kDouble).contiguous();
   const int64_t d = a.size(0);
   auto nothing = [&](double flag) {
     return std::make_tuple(at::empty({0}, at::kDouble), at::empty({d, 0}, at::kDouble),
                            at::empty({0, 0}, at::kFloat),
                            at::tensor({flag, 0.0, 0.0, double(INFINITY)}, at::kDouble));
   };
-  if (nonfinite_lower(a.data_ptr<double>(), d) > 0) return nothing(-1.0);
+  const int64_t bad = single ? nonfinite_lower(a.data_ptr<float>(), d)
+                             : nonfinite_lower(a.data_ptr<double>(), d);
+  if (bad > 0) return nothing(-1.0);
   at::Tensor f = factor.numel() ? factor.to(at::kFloat).contiguous() : at::Tensor();
   // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
   at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
-  const double* pa = a.data_ptr<double>();
-  const Problem problem{d, [pa, d](const double* w, int64_t k, double* out) {
-                          dense::symm_lower<double>(d, pa, d, w, k, out, k, k);
-                        }, a.diagonal().max().item<double>(), &a};
+  ApplyOperator apply;
+  if (single)
+    apply = [pa = a.data_ptr<float>(), d](const double* w, int64_t k, double* out) {
+      dense::symm_lower<double, float>(d, pa, d, w, k, out, k, k);
+    };
+  else
+    apply = [pa = a.data_ptr<double>(), d](const double* w, int64_t k, double* out) {
+      dense::symm_lower<double>(d, pa, d, w, k, out, k, k);
+    };
+  const Problem problem{d, apply, a.diagonal().max().item<double>(), &a};
   EigOut r = davidson(problem, v, f, delta, nev, tol, max_iter);
   if (f.defined() && r.values.defined() && !r.refactored) {
     // A reused factor only preconditions, but the stopping test reads its norm: if it does not
@@ -580,24 +722,28 @@ std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& a_in) {
 // Sigma W = Zc^T (Zc W) / (B - c) for the covariance of fp32 features z [B, d] (mean fp64), in
 // fp64 sums of exact products, never forming Sigma: two passes over z, O(B d k). Rows of z in
 // groups of 4 and columns of W in chunks of 8 (the register tiles of dense_blocks.h): U = Z W
-// for the 4 rows, then out += Z_rows^T U.
+// for the 4 rows, then out += Z_rows^T U. `threads` row ranges run in parallel (OpenMP, not
+// ATen: the solver loop runs under SingleThreadScope), each into its own partial sums: one
+// product is 4 B d k flops (d = 1024, B = 4096, k = 8: 5 ms on one core), big enough to split.
 void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, double correction,
-                      const double* w, int64_t k, double* out) {
+                      const double* w, int64_t k, double* out, int threads) {
   using V = dense::Chunk<double>::vec;
   constexpr int NV = dense::Chunk<double>::kVecs, R = 4;
   if (k % 8 != 0) {  // (d < 8 only) pad W with zero columns
     const int64_t kp = k + 8 - k % 8;
     std::vector<double> wp(d * kp, 0.0), op(d * kp);
     for (int64_t j = 0; j < d; ++j) std::copy(w + j * k, w + (j + 1) * k, wp.data() + j * kp);
-    covariance_times(z, B, d, mean, correction, wp.data(), kp, op.data());
+    covariance_times(z, B, d, mean, correction, wp.data(), kp, op.data(), threads);
     for (int64_t j = 0; j < d; ++j) std::copy(op.data() + j * kp, op.data() + j * kp + k, out + j * k);
     return;
   }
-  std::vector<double> mw(k, 0.0), usum(k, 0.0);
+  std::vector<double> mw(k, 0.0);
   for (int64_t j = 0; j < d; ++j)
     for (int64_t c = 0; c < k; ++c) mw[c] += mean[j] * w[j * k + c];
-  std::fill(out, out + d * k, 0.0);
-  auto rows_pass = [&](int64_t b0, int rows) {
+  const int parts = int(std::clamp<int64_t>(threads, 1, std::max<int64_t>(B / 256, 1)));
+  // part p accumulates rows [B p / parts, B (p + 1) / parts) into sums[p] ([d k] then usum [k])
+  std::vector<std::vector<double>> sums(parts, std::vector<double>(d * k + k, 0.0));
+  auto rows_pass = [&](double* acc_out, double* usum, int64_t b0, int rows) {
     for (int64_t c0 = 0; c0 < k; c0 += 8) {
       V u[R][NV] = {};
       for (int64_t j = 0; j < d; ++j) {
@@ -613,27 +759,36 @@ void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, 
       for (int q = 0; q < rows; ++q) {
         for (int v = 0; v < NV; ++v) u[q][v] -= m[v];
         V acc[NV];
-        dense::load8<double>(acc, usum.data() + c0);
+        dense::load8<double>(acc, usum + c0);
         for (int v = 0; v < NV; ++v) acc[v] += u[q][v];
-        dense::store8<double>(usum.data() + c0, acc);
+        dense::store8<double>(usum + c0, acc);
       }
       for (int64_t j = 0; j < d; ++j) {
         V o[NV];
-        dense::load8<double>(o, out + j * k + c0);
+        dense::load8<double>(o, acc_out + j * k + c0);
         for (int q = 0; q < rows; ++q) {
           const double zq = z[(b0 + q) * d + j];
           for (int v = 0; v < NV; ++v) o[v] += u[q][v] * zq;
         }
-        dense::store8<double>(out + j * k + c0, o);
+        dense::store8<double>(acc_out + j * k + c0, o);
       }
     }
   };
-  int64_t b = 0;
-  for (; b + R <= B; b += R) rows_pass(b, R);
-  for (; b < B; ++b) rows_pass(b, 1);
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    double *acc_out = sums[p].data(), *usum = acc_out + d * k;
+    const int64_t end = B * (p + 1) / parts;
+    int64_t b = B * p / parts;
+    for (; b + R <= end; b += R) rows_pass(acc_out, usum, b, R);
+    for (; b < end; ++b) rows_pass(acc_out, usum, b, 1);
+  }
+  for (int p = 1; p < parts; ++p)
+    for (int64_t i = 0; i < d * k + k; ++i) sums[0][i] += sums[p][i];
   const double scale = 1.0 / (double(B) - correction);
+  const double* usum = sums[0].data() + d * k;
   for (int64_t j = 0; j < d; ++j)
-    for (int64_t c = 0; c < k; ++c) out[j * k + c] = (out[j * k + c] - mean[j] * usum[c]) * scale;
+    for (int64_t c = 0; c < k; ++c)
+      out[j * k + c] = (sums[0][j * k + c] - mean[j] * usum[c]) * scale;
 }
 
 // The solver on the EXACT covariance of fp32 features z, given only through covariance_times:
@@ -650,8 +805,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
   TORCH_CHECK(x.dim() == 2 && x.size(0) == d && factor.size(0) == d, "shape mismatch");
   const float* pz = z.data_ptr<float>();
   const double* pm = mean.data_ptr<double>();
+  const int threads = at::get_num_threads();  // (the solver below runs on one ATen thread)
   const Problem problem{d, [=](const double* w, int64_t k, double* out) {
-                          covariance_times(pz, B, d, pm, correction, w, k, out);
+                          covariance_times(pz, B, d, pm, correction, w, k, out, threads);
                         }, max_diag, nullptr};
   EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
                       factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
@@ -679,7 +835,7 @@ at::Tensor chan_merge_cpu(const at::Tensor& ma, const at::Tensor& mb, const at::
 
 void register_spectral_cpu(pybind11::module_& m) {
   m.def("covariance_cpu", &covariance_cpu, "centred covariance (cov, mean fp64)",
-        pybind11::arg("z"), pybind11::arg("correction"), pybind11::arg("fp64_accumulate") = false);
+        pybind11::arg("z"), pybind11::arg("correction"), pybind11::arg("fp64_accumulate") = false, pybind11::arg("lower_only") = false);
   m.def("smallest_eig_cpu", &smallest_eig_cpu,
         "smallest eigenpairs: preconditioned block Davidson (values, vectors, factor, stats)",
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
