@@ -58,8 +58,8 @@ auto blas_gemm() {
 // d = 512: 5.6 / 3.5 / 3.7, d = 1024: 44 / 26 / 28.
 constexpr int64_t kGramBlock = 128;
 
-// ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles; sums[j] +=
-// sum_t ct[j, t] when sums is given. The Gram GEMMs below want the chunk transposed: with the
+// ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
+// += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
 // summed index contiguous in both operands, MKL runs the column blocks 1.2-1.3x faster (d =
 // 1024: 28 ms against 35 ms on the row-major chunk), and the centring pass was needed anyway.
 template <typename In, typename T>
@@ -90,8 +90,7 @@ void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* 
         for (int64_t j = 0; j < nj; ++j) std::copy(tile[j], tile[j] + nt, ct + (j0 + j) * ld + t0);
       }
     }
-    if (sums != nullptr)
-      for (int64_t j = c0; j < c1; ++j) sums[j] += acc[j - c0];
+    for (int64_t j = c0; j < c1; ++j) sums[j] += acc[j - c0];
   });
 }
 
@@ -121,7 +120,7 @@ void gram_upper_blocks(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out,
 }
 
 // The last pass, from the upper triangle: out[i, j] = (out[j, i] - n e_i e_j) / denom for
-// j <= i (e: the offset of the centring shift from the mean, or none); the strict upper
+// j <= i (e: the offset of the mean from the centring shift); the strict upper
 // triangle then becomes the mirror (full) or zeros (the solver reads only the lower one). Block
 // by block through a padded tile: read and written by rows, the transposition happens in the
 // tile (a column walk of out has a 2^k-byte stride that maps every access to one cache set: the
@@ -136,9 +135,9 @@ void finish_from_upper(T* out, int64_t d, const double* e, double n, double deno
       const int64_t nj = std::min(kTile, d - j0), ni = std::min(kTile, d - i0);
       for (int64_t jj = 0; jj < nj; ++jj) {
         T* row = out + (j0 + jj) * d + i0;
-        const double ej = e ? n * e[j0 + jj] : 0.0;
+        const double ej = n * e[j0 + jj];
         for (int64_t ii = 0; ii < ni; ++ii) {
-          const double v = (double(row[ii]) - (e ? ej * e[i0 + ii] : 0.0)) * inv;
+          const double v = (double(row[ii]) - ej * e[i0 + ii]) * inv;
           tile[jj * kPad + ii] = T(v);
           if (i0 + ii > j0 + jj) row[ii] = full ? T(v) : T(0);
         }
@@ -156,9 +155,10 @@ void finish_from_upper(T* out, int64_t d, const double* e, double n, double deno
 // ||Sigma||, i.e. the error of fp32 eigvalsh, on lambda_min of an ill-conditioned Sigma.
 // lower_only: the strict upper triangle is left zero (the solver reads the lower one only).
 //
-// Pass 1: the mean. Pass 2: chunks of rows are centred into one transposed buffer (the only
-// copy: chunk x d), and the upper block-triangle of each chunk's Gram matrix is added to the
-// output (gram_upper_blocks); the last pass moves it to the lower triangle and scales it.
+// Chunks of rows are centred on a shift into one transposed buffer (the only copy: chunk x d),
+// and the upper block-triangle of each chunk's Gram matrix is added to the output
+// (gram_upper_blocks); the last pass corrects the shift, scales, and moves the result to the
+// lower triangle (finish_from_upper).
 std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, double correction,
                                                   bool fp64_accumulate, bool lower_only) {
   TORCH_CHECK(z_arg.dim() == 2 && z_arg.size(1) > 0, "z must be 2-D with at least one column");
@@ -167,44 +167,41 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, doubl
   constexpr int64_t kChunkEntries = int64_t(1) << 22;
   const int64_t B = z_in.size(0), d = z_in.size(1);
   const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
-  // fp32 compute: the first-pass mean is a plain fp32 sum (z.sum(0, fp64) converts every entry:
-  // 190 ms vs 24 ms at B = 65536, d = 512) and may be off by ~1e-7 |mean|. The rows are centred
-  // on that shift s; the centred chunks' column sums give e = mean - s exactly enough (they are
-  // small numbers), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T, in fp64.
-  const bool shifted = ct == at::kFloat && z_in.scalar_type() == at::kFloat;
-  at::Tensor mean = shifted
-      ? z_in.sum(0).to(at::kDouble).div_(double(std::max<int64_t>(B, 1)))
-      : z_in.sum(0, /*keepdim=*/false, at::kDouble).div_(double(std::max<int64_t>(B, 1)));
-  at::Tensor mean_c = mean.to(ct);
-  if (shifted) mean = mean_c.to(at::kDouble);  // the shift actually subtracted
-  at::Tensor residual_sum = at::zeros({d}, z_in.options().dtype(at::kDouble));
   const int64_t chunk = std::min(std::clamp<int64_t>(kChunkEntries / d, 256, 8192),
                                  std::max<int64_t>(B, 1));
+  // The rows are centred on a shift s: the mean of the first chunk (of all of z when it fits
+  // one), summed in the compute dtype (z.sum(0, fp64) converts every entry: 190 ms vs 24 ms at
+  // B = 65536, d = 512; and no pass over the rest of z). The centred chunks' column sums, in
+  // fp64, give e = mean - s exactly enough (they are small numbers: s is within ~spread /
+  // sqrt(chunk) of the mean), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T.
+  const int64_t first = std::min(chunk, B);
+  at::Tensor shift = z_in.narrow(0, 0, first).sum(0, /*keepdim=*/false, ct)
+                         .div_(double(std::max<int64_t>(first, 1)));
+  at::Tensor residual_sum = at::zeros({d}, z_in.options().dtype(at::kDouble));
   auto opts = z_in.options().dtype(ct);
   at::Tensor buf = at::empty({d, chunk}, opts);  // the centred chunk, transposed
   at::Tensor out = at::empty({d, d}, opts);
   if (B == 0) out.zero_();
-  double* sums = shifted ? residual_sum.data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z_in.scalar_type(), "covariance_cpu", [&] {
+  double* sums = residual_sum.data_ptr<double>();
+  const auto in_type = z_in.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_type, "covariance_cpu", [&] {
     using In = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
       const In* pz = z_in.data_ptr<In>();
       scalar_t *pb = buf.data_ptr<scalar_t>(), *po = out.data_ptr<scalar_t>();
       for (int64_t r0 = 0; r0 < B; r0 += chunk) {
         const int64_t rows = std::min(chunk, B - r0);
-        centre_transposed(pz + r0 * d, rows, d, mean_c.data_ptr<scalar_t>(), pb, chunk, sums);
+        centre_transposed(pz + r0 * d, rows, d, shift.data_ptr<scalar_t>(), pb, chunk, sums);
         gram_upper_blocks(pb, chunk, rows, d, po, r0 > 0);
       }
     });
   });
   at::Tensor e = residual_sum / double(std::max<int64_t>(B, 1));
-  const double* pe = shifted ? e.data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
-    finish_from_upper(out.data_ptr<scalar_t>(), d, pe, double(B), double(B) - correction,
-                      !lower_only);
+    finish_from_upper(out.data_ptr<scalar_t>(), d, e.data_ptr<double>(), double(B),
+                      double(B) - correction, !lower_only);
   });
-  if (shifted) mean += e;
-  return {out, mean};
+  return {out, shift.to(at::kDouble) + e};
 }
 
 // ---- smallest eigenpairs -------------------------------------------------------------------
@@ -509,10 +506,11 @@ void restart_basis(Basis& b, const std::vector<double>& y, const std::vector<dou
 // iteration with (L L^T)^-1, ~0.07 ms each at d = 512 against ~0.3 ms for a Davidson step) over
 // a start block of 2 blk random columns damp the top of the spectrum. Measured (d = 512 / 1024,
 // log spectra, kappa 1e4 and 1e6): Davidson steps 10-12 / 15-18 -> 4-6 / 7-10. A warm start
-// (v0 given) sweeps its random columns only kWarmPreSweeps times: for a matrix that moved by
-// 1e-3 lambda_min the given vector passes the stopping test at once, and 8 sweeps would cost
-// more than the whole solve (d = 512: 0.9 ms with 2 sweeps, 1.9-2.1 ms with 8).
-constexpr int kPreSweeps = 8, kWarmPreSweeps = 2;
+// (v0 given) is not swept: for a matrix that moved by 1e-3 lambda_min the given vector passes
+// the stopping test at once, and sweeping the random columns that pad its block cost more than
+// the rest of the solve (d = 512: 0.65 ms unswept, 0.85 ms with 2 sweeps, ~2 ms with 8); after
+// a drift of ~lambda_min the unswept padding costs about one step more (8-10 instead of 7-9).
+constexpr int kPreSweeps = 8;
 
 EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor, double delta,
                 int64_t nev, double tol, int64_t max_iter) {
@@ -536,17 +534,15 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   // 2 blk random columns for a cold start; a warm start adds blk - 1 to its vector(s).
   const int64_t start_cols = std::min(mmax, given > 0 ? std::max(blk, given) : 2 * blk);
   Basis basis(d, mmax);
-  // Start block: seeded random columns (deterministic results for a given input) swept by the
-  // preconditioner, then the given vectors (warm start) written over the first ones.
+  // Start block: seeded random columns (deterministic results for a given input), swept by
+  // the preconditioner for a cold start, or the given vectors (warm start) padded with them.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
   at::Tensor start = at::randn({d, start_cols}, gen, at::kDouble);
   std::vector<double> w(start.data_ptr<double>(), start.data_ptr<double>() + d * start_cols);
   std::vector<double> scratch64;
   std::vector<float> scratch32;
   const float* L = factor.data_ptr<float>();
-  if (start_cols > given)  // (a start block of given vectors only is not swept at all)
-    preconditioner_sweeps(L, d, w, start_cols, given > 0 ? kWarmPreSweeps : kPreSweeps,
-                          one_thread.saved());
+  if (given == 0) preconditioner_sweeps(L, d, w, start_cols, kPreSweeps, one_thread.saved());
   // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
   // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
   // neighbours.
