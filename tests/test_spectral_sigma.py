@@ -74,6 +74,33 @@ def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
     assert float((sigma @ v - values[0] * v).norm()) <= 1e-3 * float(ref)
 
 
+@pytest.mark.skipif(_native() is None, reason="native extension not built")
+def test_features_solver_row_ranges_in_parallel_agree():
+    """The exact-covariance product splits its rows over the caller's threads (partial sums
+    added at the end): 1, 2 and 3 threads give the same eigenpair up to rounding."""
+    b, d = 1031, 40
+    z = features(b, d, mean=3.0)
+    z64 = z.double()
+    mean = z64.mean(0)
+    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
+    delta = 1e-7 * float(sigma.diagonal().max())
+    factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(d))
+    x, _ = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))
+    saved = torch.get_num_threads()
+    values = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = _native().refine_covariance_eig_cpu(
+                z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-10, 100)
+            values.append(float(out[0][0]))
+    finally:
+        torch.set_num_threads(saved)
+    ref = float(torch.linalg.eigvalsh(sigma)[0])
+    assert all(abs(v - ref) <= 1e-8 * ref for v in values)
+    assert max(values) - min(values) <= 1e-12 * ref
+
+
 def test_fp32_path_at_condition_1e8_and_its_fallback(monkeypatch):
     """Condition number 1e8: the fp32-accumulated Sigma is ~1e-3 off at the bottom, the exact-
     covariance steps still certify 1e-6; when they are not allowed to (0 steps), the answer is
