@@ -40,8 +40,8 @@ def test_large_mean_two_pass_quality(b, d, backend):
 @pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
 @pytest.mark.parametrize("fp64", [False, True])
 def test_native_chunks_blocks_and_lower_only(fp64):
-    """The CPU kernel past one chunk of rows (4068 at d = 1031: two chunks) and over nine
-    128-wide Gram blocks, the last one 7 wide; fp64 accumulation of fp32 input; and the solver's
+    """The CPU kernel past one chunk of rows (4068 at d = 1031: two chunks) and over seventeen
+    64-wide Gram blocks, the last one 7 wide; fp64 accumulation of fp32 input; and the solver's
     lower_only form: the same lower triangle, exact zeros above it."""
     z = features(4500, 1031)
     ref = reference_cov(z)

@@ -53,10 +53,11 @@ auto blas_gemm() {
 }
 
 // Columns per block of the Gram product: n blocks do (n + 1) / 2n of a full GEMM's work
-// (d = 512: 4 blocks, 0.625; d = 1024: 8 blocks, 0.56), and 128-wide GEMMs still run near full
-// speed. Measured with MKL's sgemm, B = 4d (ms; full GEMM / ideal / these blocks):
-// d = 512: 5.6 / 3.5 / 3.7, d = 1024: 44 / 26 / 28.
-constexpr int64_t kGramBlock = 128;
+// (d = 512: 8 blocks, 0.56; d = 1024: 16 blocks, 0.53), and 64-wide GEMMs still run near full
+// speed. Measured with MKL's sgemm, B = 4d, ms (full GEMM; blocks of 32 / 48 / 64 / 128):
+// d = 512: 5.7; 3.46 / 3.38 / 3.34 / 3.53. d = 768: 18.5; 12.3 / 11.9 / 11.7 / 12.2.
+// d = 1024: 43.4; 28.3 / 27.1 / 27.5 / 27.5.
+constexpr int64_t kGramBlock = 64;
 
 // ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
 // += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
