@@ -236,32 +236,33 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
     `vectors` may hold more than nev pairs (the iteration's final Ritz block): callers slice."""
     d = a.shape[0]
     kind = _solver_kind(a.device)
-    # The CPU solver reads fp32 and fp64 matrices as they are (its sums are fp64 either way).
+    # The CPU solver reads fp32 and fp64 matrices as they are (its sums are fp64 either way);
+    # everything else gets fp64.
     native_dtype = kind == "cpu" and a.dtype in (torch.float32, torch.float64)
-    a64 = a if native_dtype else a.to(torch.float64)
-    empty = a64.new_empty(0, dtype=torch.float64)
+    mat = a if native_dtype else a.to(torch.float64)
+    empty = mat.new_empty(0, dtype=torch.float64)
 
     def zeros():  # the factor output when no factor was built (dense paths)
-        return torch.zeros(d, d, dtype=torch.float32, device=a64.device)
+        return torch.zeros(d, d, dtype=torch.float32, device=mat.device)
 
     if method == "eigh" or d <= DENSE_BELOW or kind == "dense":
-        a64 = a64.to(torch.float64)
+        a64 = mat.to(torch.float64)
         _check_finite_lower(name, a64)
         w, v = _dense_smallest(a64, nev)
         stats = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0 if method != "eigh" and d > DENSE_BELOW
                               else 0.0], dtype=torch.float64)
         return w, v, zeros(), stats
     if kind == "cuda":
-        _check_finite_lower(name, a64)
-        a64 = _lower_symmetric64(a64)
+        _check_finite_lower(name, mat)
+        mat = _lower_symmetric64(mat)
     if factor is not None and delta < 0:
         # the shift a reused factor was built with: diag(L L^T) - diag(A)
-        diagonal = a64.diagonal().double()
+        diagonal = mat.diagonal().double()
         rebuilt = float(((factor.double() ** 2).sum(1) - diagonal).median())
         delta = max(rebuilt, 1e-7 * float(diagonal.max()))
     fn = getattr(_backend.native()[0], f"smallest_eig_{kind}")
     iters = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    w, v, f, st = fn(a64, empty if v0 is None else v0, empty if factor is None else factor,
+    w, v, f, st = fn(mat, empty if v0 is None else v0, empty if factor is None else factor,
                      float(delta), nev, float(tol), iters)
     if float(st[0]) < 0:
         raise ValueError(f"{name} contains NaN or infinity")
@@ -271,7 +272,7 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
         # A reused factor only preconditions, but the stopping test reads its norm: if it no
         # longer fits this matrix (or did not converge), redo with a fresh factor from here
         # (the CPU solver does this check itself).
-        w, v, f, st = fn(a64, v[:, 0].contiguous() if w.numel() else
+        w, v, f, st = fn(mat, v[:, 0].contiguous() if w.numel() else
                          (empty if v0 is None else v0), empty, 0.0, nev, float(tol), iters)
         converged = bool(st[1] > 0) and w.numel() >= nev
     if not converged and method == "auto":
@@ -280,7 +281,7 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                "(is the matrix PSD, with entries inside the fp32 range?)")
         warnings.warn(f"smallest_eigenvalue: {why}; using dense fp64 eigh", RuntimeWarning,
                       stacklevel=4)
-        w, v = _dense_smallest(a64.double(), nev)
+        w, v = _dense_smallest(mat.double(), nev)
         stats = torch.cat([st.cpu(), st.new_ones(1).cpu()])
         return w, v, (f if f.numel() else zeros()), stats
     if not converged:
@@ -288,7 +289,7 @@ def _solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: flo
                       f"{iters} iterations (error estimate {float(st[3]):.2e}); returning the "
                       f"current estimate", RuntimeWarning, stacklevel=4)
         if w.numel() < nev:  # no preconditioner could be built: nothing to return but eigh
-            w, v = _dense_smallest(a64.double(), nev)
+            w, v = _dense_smallest(mat.double(), nev)
     return w, v, (f if f.numel() else zeros()), torch.cat([st.cpu(), st.new_zeros(1).cpu()])
 
 
