@@ -646,7 +646,7 @@ class CovarianceAccumulator:
     """Streaming, mergeable covariance (Chan et al. pairwise update), in float64 by default.
 
     State: count, mean [dim], comoment M = sum (z - mean)(z - mean)^T [dim, dim]. Each update()
-    computes its batch's mean and comoment with the two-pass kernel (exact for large means) and
+    computes its batch's mean and comoment with the covariance kernel (exact for large means) and
     merges them in; merge() combines two accumulators the same way, so any split of the rows -
     across batches, ranks (all_reduce_accumulator) or checkpoints (state_dict) - gives the
     covariance of all rows seen, equal to batch_covariance of their concatenation."""

@@ -1,7 +1,8 @@
 // CPU kernels of the spectral ops (Python wrapper: calrft_kernels/spectral.py):
-//   covariance_cpu        centred covariance, fused: mean first (fp64), then chunks of rows are
-//                         centred into a small buffer and only the lower block-triangle of the
-//                         product is formed, in place (a SYRK's work: about half a GEMM's).
+//   covariance_cpu        centred covariance, fused: chunks of rows are centred on a shift into
+//                         a transposed buffer and only a block-triangle of the product is formed,
+//                         in place (a SYRK's work: about half a GEMM's); the shift's error is
+//                         removed exactly at the end.
 //   smallest_eig_cpu      smallest eigenpairs of the symmetric matrix of a lower triangle: block
 //                         generalized Davidson, preconditioned by an fp32 Cholesky factor of
 //                         A + delta I, with exact fp64 Rayleigh-Ritz and residuals
