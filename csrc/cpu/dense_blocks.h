@@ -259,4 +259,11 @@ void solve_lower_transposed(const T* L, int64_t d, T* X, int64_t k) {
   }
 }
 
+// X <- (L L^T)^-1 X: the two solves with a Cholesky factor L.
+template <typename T>
+void solve_cholesky(const T* L, int64_t d, T* X, int64_t k) {
+  solve_lower<T>(L, d, X, k);
+  solve_lower_transposed<T>(L, d, X, k);
+}
+
 }  // namespace calrft::dense

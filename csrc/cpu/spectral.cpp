@@ -328,8 +328,7 @@ void precondition(const float* L, int64_t d, const double* r, int64_t k, double*
                   std::vector<float>& scratch) {
   scratch.resize(d * k);
   for (int64_t i = 0; i < d * k; ++i) scratch[i] = float(r[i]);
-  dense::solve_lower<float>(L, d, scratch.data(), k);
-  dense::solve_lower_transposed<float>(L, d, scratch.data(), k);
+  dense::solve_cholesky<float>(L, d, scratch.data(), k);
   for (int64_t i = 0; i < d * k; ++i) w[i] = double(scratch[i]);
 }
 
@@ -339,8 +338,7 @@ void precondition(const float* L, int64_t d, const double* r, int64_t k, double*
 void sweep_block(const float* L, int64_t d, std::vector<float>& x, int64_t k, int sweeps) {
   std::vector<float> big(k);
   for (int sweep = 0; sweep < sweeps; ++sweep) {
-    dense::solve_lower<float>(L, d, x.data(), k);
-    dense::solve_lower_transposed<float>(L, d, x.data(), k);
+    dense::solve_cholesky<float>(L, d, x.data(), k);
     std::fill(big.begin(), big.end(), 0.f);
     for (int64_t r = 0; r < d; ++r)
       for (int64_t c = 0; c < k; ++c) big[c] = std::max(big[c], std::fabs(x[r * k + c]));
@@ -357,12 +355,15 @@ constexpr int64_t kThreadedSweepMinDim = 384;
 
 void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, int64_t k,
                            int sweeps, int threads) {
-  const int parts = d >= kThreadedSweepMinDim && k % 8 == 0
-                        ? int(std::clamp<int64_t>(threads, 1, k / 8)) : 1;
-  const int64_t cols = k / parts;  // (parts > 1 only when it divides k into chunks of 8)
+  // Parts of whole chunks of 8 columns (a part of another width would send the solves down
+  // their scalar paths); k not a multiple of 8 stays in one part.
+  const int64_t chunks = k % 8 == 0 ? k / 8 : 1;
+  const int64_t wanted = d >= kThreadedSweepMinDim ? std::clamp<int64_t>(threads, 1, chunks) : 1;
+  const int64_t cols = k % 8 == 0 ? 8 * ((chunks + wanted - 1) / wanted) : k;
+  const int parts = int((k + cols - 1) / cols);
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
-    const int64_t c0 = p * cols, n = p + 1 == parts ? k - c0 : cols;
+    const int64_t c0 = p * cols, n = std::min(cols, k - c0);
     std::vector<float> x(d * n);
     for (int64_t r = 0; r < d; ++r)
       for (int64_t c = 0; c < n; ++c) x[r * n + c] = float(w[r * k + c0 + c]);
@@ -544,11 +545,12 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   std::vector<double> scratch64;
   std::vector<float> scratch32;
   const float* L = factor.data_ptr<float>();
-  if (given == 0) preconditioner_sweeps(L, d, w, start_cols, kPreSweeps, one_thread.saved());
-  // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
-  // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
-  // neighbours.
-  if (given > 0) {
+  if (given == 0) {
+    preconditioner_sweeps(L, d, w, start_cols, kPreSweeps, one_thread.saved());
+  } else {
+    // The given vectors enter unswept: an fp32 factor at condition number 1e6 is ~10% off
+    // (A + delta I)^-1 near the bottom, and a sweep would mix a converged vector with its
+    // neighbours.
     const at::Tensor v0c = v0.contiguous();
     const double* pv = v0c.data_ptr<double>();
     for (int64_t r = 0; r < d; ++r)
