@@ -237,3 +237,25 @@ def test_fp32_matrix_is_solved_as_received(d, kappa):
     assert info.converged and not info.fallback and info.method == info64.method
     assert abs(float(value64) - ref) <= 1e-6 * ref
     assert abs(float(value) - float(value64)) <= 2 * torch.finfo(torch.float32).eps * ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_start_block_columns_in_parallel_agree(dtype):
+    """From d = 384 on, the start block's sweeps run in column parts of 8 on the caller's
+    threads; each column's arithmetic is the same in any part, so with one factor (the
+    factorisation's own threads may round differently) 1, 2 and 3 threads give the same bits
+    (d = 389: the last block of every triangular solve is partial)."""
+    a = matrix("log", 389, 1e5, dtype)
+    _, _, first = smallest_eigenvalue(a, return_info=True)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(smallest_eigenvalue(a, factor=first, return_info=True))
+    finally:
+        torch.set_num_threads(saved)
+    check(a, results[0][0], results[0][1])
+    for value, vector, info in results[1:]:
+        assert info.iterations == results[0][2].iterations and torch.equal(info.factor, first.factor)
+        assert torch.equal(value, results[0][0]) and torch.equal(vector, results[0][1])

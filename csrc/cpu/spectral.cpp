@@ -36,9 +36,9 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 }
 
 // BLAS GEMM straight from the torch library when it exports it (MKL builds do): the block
-// triangle of a Gram matrix is written in place, block column by block column, into strided
-// parts of the output, which ATen's mm would copy through a temporary. Weak symbols: the ATen
-// path in gram_upper_blocks takes over where a build lacks them.
+// triangle of a Gram matrix is written in place, block by block, into strided parts of the
+// output, which ATen's mm would copy through a temporary. Weak symbols: the ATen
+// path in gram_block takes over where a build lacks them.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
@@ -59,6 +59,12 @@ auto blas_gemm() {
 // d = 512: 5.7; 3.46 / 3.38 / 3.34 / 3.53. d = 768: 18.5; 12.3 / 11.9 / 11.7 / 12.2.
 // d = 1024: 43.4; 28.3 / 27.1 / 27.5 / 27.5.
 constexpr int64_t kGramBlock = 64;
+// Above this many columns the triangle is split in two halves and the square between them is
+// one GEMM (gram_upper_blocks): fewer, larger GEMMs. Interleaved in one process, covariance_cpu
+// ms, 64-wide block columns throughout / split above 256: B = 4096, d = 1024: 31.1 / 29.9;
+// B = 65536, d = 512: 141.5 / 138.8; B = 2048, d = 512: 4.34 / 4.29 (splits above 64 or 128
+// were slower than above 256 at every size).
+constexpr int64_t kGramSplitAbove = 256;
 
 // ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
 // += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
@@ -96,28 +102,45 @@ void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* 
   });
 }
 
-// out[0:e, j0:e] (+)= ct[0:e] ct[j0:e]^T for every kGramBlock column block j0..e of the
-// row-major out [d, d], from the transposed chunk ct [d, ld] (rows columns in use): the UPPER
-// block-triangle of the chunk's Gram matrix (a SYRK's work; torch's BLAS exports no ssyrk).
+// out[r0:r0+nr, c0:c0+nc] (+)= ct[r0:r0+nr] ct[c0:c0+nc]^T: one block of the Gram matrix of
+// the transposed chunk ct [d, ld] (rows columns in use) in the row-major out [d, d].
 // accumulate=false overwrites.
 template <typename T>
+void gram_block(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out, bool accumulate,
+                int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+  if (auto gemm = blas_gemm<T>(); gemm != nullptr) {
+    // Column-major reading: ct is A [rows, d] (ld ld), out is out^T (ld d); the block is
+    // out^T[c0.., r0..] = A[:, c0..]^T A[:, r0..] (this operand order is MKL's fast one).
+    const int m = int(nc), n = int(nr), k = int(rows), lda = int(ld), ldc = int(d);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    gemm("T", "N", &m, &n, &k, &one, ct + c0 * ld, &lda, ct + r0 * ld, &lda, &beta,
+         out + r0 * d + c0, &ldc);
+    return;
+  }
+  const auto dt = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
+  at::Tensor a = at::from_blob(const_cast<T*>(ct), {d, rows}, {ld, 1}, dt);
+  at::Tensor block = at::from_blob(out, {d, d}, dt).narrow(0, r0, nr).narrow(1, c0, nc);
+  at::Tensor g = at::mm(a.narrow(0, r0, nr), a.narrow(0, c0, nc).t());
+  if (accumulate) block.add_(g); else block.copy_(g);
+}
+
+// The UPPER block-triangle of the chunk's Gram matrix on the diagonal block [j0, j0 + n) (a
+// SYRK's work; torch's BLAS exports no ssyrk): up to kGramSplitAbove columns as kGramBlock-wide
+// block columns (rows j0 .. the block's last row), above that split into two halves whose
+// square in between is one GEMM.
+template <typename T>
 void gram_upper_blocks(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out,
-                       bool accumulate) {
-  for (int64_t j0 = 0; j0 < d; j0 += kGramBlock) {
-    const int64_t nj = std::min(kGramBlock, d - j0), e = j0 + nj;
-    if (auto gemm = blas_gemm<T>(); gemm != nullptr) {
-      // Column-major reading: ct is A [rows, d] (ld ld), out is out^T (ld d); the block is
-      // out^T[j0:e, 0:e] = A[:, j0:e]^T A[:, 0:e] (this operand order is MKL's fast one).
-      const int m = int(nj), n = int(e), k = int(rows), lda = int(ld), ldc = int(d);
-      const T one = 1, beta = accumulate ? 1 : 0;
-      gemm("T", "N", &m, &n, &k, &one, ct + j0 * ld, &lda, ct, &lda, &beta, out + j0, &ldc);
-      continue;
-    }
-    const auto dt = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
-    at::Tensor a = at::from_blob(const_cast<T*>(ct), {d, rows}, {ld, 1}, dt);
-    at::Tensor block = at::from_blob(out, {d, d}, dt).narrow(0, 0, e).narrow(1, j0, nj);
-    at::Tensor g = at::mm(a.narrow(0, 0, e), a.narrow(0, j0, nj).t());
-    if (accumulate) block.add_(g); else block.copy_(g);
+                       bool accumulate, int64_t j0, int64_t n) {
+  if (n > kGramSplitAbove) {
+    const int64_t h = (n / 2 + kGramBlock - 1) / kGramBlock * kGramBlock;
+    gram_upper_blocks(ct, ld, rows, d, out, accumulate, j0, h);
+    gram_block(ct, ld, rows, d, out, accumulate, j0, h, j0 + h, n - h);
+    gram_upper_blocks(ct, ld, rows, d, out, accumulate, j0 + h, n - h);
+    return;
+  }
+  for (int64_t c0 = j0; c0 < j0 + n; c0 += kGramBlock) {
+    const int64_t nc = std::min(kGramBlock, j0 + n - c0);
+    gram_block(ct, ld, rows, d, out, accumulate, j0, c0 + nc - j0, c0, nc);
   }
 }
 
@@ -194,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, doubl
       for (int64_t r0 = 0; r0 < B; r0 += chunk) {
         const int64_t rows = std::min(chunk, B - r0);
         centre_transposed(pz + r0 * d, rows, d, shift.data_ptr<scalar_t>(), pb, chunk, sums);
-        gram_upper_blocks(pb, chunk, rows, d, po, r0 > 0);
+        gram_upper_blocks(pb, chunk, rows, d, po, r0 > 0, 0, d);
       }
     });
   });
@@ -350,7 +373,8 @@ void sweep_block(const float* L, int64_t d, std::vector<float>& x, int64_t k, in
 
 // From kThreadedSweepMinDim on, the columns are split into `threads` groups of 8 swept in
 // parallel (OpenMP: the solver runs under SingleThreadScope). 16 columns, 8 sweeps, quiet host:
-// d = 512 1.1-1.35 -> 0.65-0.85 ms, d = 1024 4.7-5.2 -> 2.6-3.7 ms.
+// d = 512 1.1-1.35 -> 0.65-0.85 ms, d = 1024 4.7-5.2 -> 2.6-3.7 ms. (The start block's product
+// with the matrix, split the same way, gained nothing that showed above this host's noise.)
 constexpr int64_t kThreadedSweepMinDim = 384;
 
 void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, int64_t k,
@@ -647,15 +671,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   at::Tensor f = factor.numel() ? factor.to(at::kFloat).contiguous() : at::Tensor();
   // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
   at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
-  ApplyOperator apply;
-  if (single)
-    apply = [pa = a.data_ptr<float>(), d](const double* w, int64_t k, double* out) {
-      dense::symm_lower<double, float>(d, pa, d, w, k, out, k, k);
-    };
-  else
-    apply = [pa = a.data_ptr<double>(), d](const double* w, int64_t k, double* out) {
+  auto symm = [d](const auto* pa) -> ApplyOperator {
+    return [=](const double* w, int64_t k, double* out) {
       dense::symm_lower<double>(d, pa, d, w, k, out, k, k);
     };
+  };
+  const ApplyOperator apply = single ? symm(a.data_ptr<float>()) : symm(a.data_ptr<double>());
   const Problem problem{d, apply, a.diagonal().max().item<double>(), &a};
   EigOut r = davidson(problem, v, f, delta, nev, tol, max_iter);
   if (f.defined() && r.values.defined() && !r.refactored) {
