@@ -101,6 +101,42 @@ def test_features_solver_row_ranges_in_parallel_agree():
     assert max(values) - min(values) <= 1e-12 * ref
 
 
+def test_refinement_steps_scale_with_d(monkeypatch):
+    """The exact-covariance steps are allowed while they cost less than forming Sigma in fp64
+    (d // 64 of them, at least 4): d = 512 at condition number 1e7 needs 5, which a fixed
+    limit of 4 refused (and paid for the fp64 covariance)."""
+    from calrft_kernels import spectral
+    torch.manual_seed(0)
+    z = features(2048, 512, mean=50.0, kappa_sqrt=10 ** 3.5)
+    ref = float(ref_lambda_min(z))
+    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    assert certified is not None and abs(float(certified[0][0]) - ref) <= 1e-6 * ref
+    monkeypatch.setattr(spectral, "_refine_max_steps", lambda d: 4)
+    assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
+
+
+def test_refinement_refuses_a_factor_that_does_not_fit():
+    """The refinement's stopping test bounds the error with the norm of Sigma_32's factor: a
+    factor that does not act like (Sigma + delta I)^-1 at the answer (here that of 2 Sigma)
+    leaves the answer unconverged (the caller then forms Sigma in fp64), even where the
+    iteration itself settles."""
+    b, d = 1031, 40
+    z = features(b, d, mean=3.0)
+    z64 = z.double()
+    mean = z64.mean(0)
+    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
+    delta = 1e-7 * float(sigma.diagonal().max())
+    x, _ = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))
+    for scale, fits in ((1.0, True), (2.0, False)):
+        factor = torch.linalg.cholesky((scale * sigma + delta * torch.eye(d)).float())
+        values, _, stats = _native().refine_covariance_eig_cpu(
+            z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-8, 100)
+        assert bool(stats[1] > 0) == fits
+        if fits:
+            ref = float(torch.linalg.eigvalsh(sigma)[0])
+            assert abs(float(values[0]) - ref) <= 1e-7 * ref
+
+
 def test_fp32_path_at_condition_1e8_and_its_fallback(monkeypatch):
     """Condition number 1e8: the fp32-accumulated Sigma is ~1e-3 off at the bottom, the exact-
     covariance steps still certify 1e-6; when they are not allowed to (0 steps), the answer is
@@ -110,7 +146,7 @@ def test_fp32_path_at_condition_1e8_and_its_fallback(monkeypatch):
     ref = float(ref_lambda_min(z))
     certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
     assert certified is not None and abs(float(certified[0][0]) - ref) <= 1e-6 * ref
-    monkeypatch.setattr(spectral, "_REFINE_MAX_STEPS", 0)
+    monkeypatch.setattr(spectral, "_refine_max_steps", lambda d: 0)
     assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
     value = covariance_sigma_min(z)
     assert abs(float(value) - ref) <= 1e-6 * ref
