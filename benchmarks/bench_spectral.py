@@ -162,13 +162,14 @@ def main():
             for k, t in ms.items():
                 rows.append((f"eigen d={d} kappa={kappa:.0e}", k, t, t / f64, t / f32,
                              errs.get(k), iters.get(k), mins[k] / mins["eigvalsh fp64"]))
-        ms, errs = bench_sigma(d, 1e4, args.repeats)
-        base = ms["torch.cov + eigvalsh fp32"]
-        mins = interleaved.minimum
-        record[f"sigma d={d}"] = {"ms": ms, "min_ms": mins, "rel_err": errs}
-        for k, t in ms.items():
-            rows.append((f"sigma_min B={4 * d} d={d}", k, t, t / base, None, errs.get(k), None,
-                         mins[k] / mins["torch.cov + eigvalsh fp32"]))
+        for kappa in (1e4, 1e6):
+            ms, errs = bench_sigma(d, kappa, args.repeats)
+            base = ms["torch.cov + eigvalsh fp32"]
+            mins = interleaved.minimum
+            record[f"sigma d={d} kappa={kappa:g}"] = {"ms": ms, "min_ms": mins, "rel_err": errs}
+            for k, t in ms.items():
+                rows.append((f"sigma_min B={4 * d} d={d} kappa={kappa:.0e}", k, t, t / base, None,
+                             errs.get(k), None, mins[k] / mins["torch.cov + eigvalsh fp32"]))
     b = 16384 if args.quick else 65536
     ms = bench_covariance(b, 512, max(3, args.repeats // 3))
     mins = interleaved.minimum
