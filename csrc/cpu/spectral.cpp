@@ -37,8 +37,8 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 
 // BLAS GEMM straight from the torch library when it exports it (MKL builds do): the block
 // triangle of a Gram matrix is written in place, block by block, into strided parts of the
-// output, which ATen's mm would copy through a temporary. Weak symbols: the ATen
-// path in gram_block takes over where a build lacks them.
+// output, which ATen's mm would copy through a temporary. Weak symbols: the ATen path in
+// gram_block takes over where a build lacks them.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
@@ -814,8 +814,9 @@ void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, 
 
 // The solver on the EXACT covariance of fp32 features z, given only through covariance_times:
 // it starts from `x` (the final Ritz block of a solve on the covariance formed with fp32
-// accumulation, whose fp32 factor preconditions) and usually stops at once or after a step:
-// fp32 rounding mostly mixes the nearly degenerate bottom eigenvectors, which that block spans.
+// accumulation, whose fp32 factor preconditions) and stops at once or after a step or two up to
+// condition number ~1e5 (4-8 steps at 1e6-1e7): fp32 rounding mostly mixes the nearly
+// degenerate bottom eigenvectors, which that block spans.
 // Same outputs as smallest_eig_cpu; the factor is never rebuilt (no matrix to build it from):
 // if it does not fit the exact covariance at the answer, the answer is reported unconverged.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
