@@ -74,18 +74,24 @@ def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
     assert float((sigma @ v - values[0] * v).norm()) <= 1e-3 * float(ref)
 
 
-@pytest.mark.skipif(_native() is None, reason="native extension not built")
-def test_features_solver_row_ranges_in_parallel_agree():
-    """The exact-covariance product splits its rows over the caller's threads (partial sums
-    added at the end): 1, 2 and 3 threads give the same eigenpair up to rounding."""
-    b, d = 1031, 40
+def _refinement_problem(b=1031, d=40):
+    """fp32 features, their mean and exact covariance (fp64), the solver's shift, and a random
+    orthonormal start block of 8 columns for refine_covariance_eig_cpu."""
     z = features(b, d, mean=3.0)
     z64 = z.double()
     mean = z64.mean(0)
     sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
     delta = 1e-7 * float(sigma.diagonal().max())
-    factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(d))
     x, _ = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))
+    return z, mean, sigma, delta, x
+
+
+@pytest.mark.skipif(_native() is None, reason="native extension not built")
+def test_features_solver_row_ranges_in_parallel_agree():
+    """The exact-covariance product splits its rows over the caller's threads (partial sums
+    added at the end): 1, 2 and 3 threads give the same eigenpair up to rounding."""
+    z, mean, sigma, delta, x = _refinement_problem()
+    factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(sigma.shape[0]))
     saved = torch.get_num_threads()
     values = []
     try:
@@ -115,20 +121,15 @@ def test_refinement_steps_scale_with_d(monkeypatch):
     assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
 
 
+@pytest.mark.skipif(_native() is None, reason="native extension not built")
 def test_refinement_refuses_a_factor_that_does_not_fit():
     """The refinement's stopping test bounds the error with the norm of Sigma_32's factor: a
     factor that does not act like (Sigma + delta I)^-1 at the answer (here that of 2 Sigma)
     leaves the answer unconverged (the caller then forms Sigma in fp64), even where the
     iteration itself settles."""
-    b, d = 1031, 40
-    z = features(b, d, mean=3.0)
-    z64 = z.double()
-    mean = z64.mean(0)
-    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
-    delta = 1e-7 * float(sigma.diagonal().max())
-    x, _ = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))
+    z, mean, sigma, delta, x = _refinement_problem()
     for scale, fits in ((1.0, True), (2.0, False)):
-        factor = torch.linalg.cholesky((scale * sigma + delta * torch.eye(d)).float())
+        factor = torch.linalg.cholesky((scale * sigma + delta * torch.eye(sigma.shape[0])).float())
         values, _, stats = _native().refine_covariance_eig_cpu(
             z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-8, 100)
         assert bool(stats[1] > 0) == fits
