@@ -298,10 +298,9 @@ def _factor_fits(factor: Tensor, x: Tensor, theta: float, delta: float) -> bool:
     the stopping test uses r^T T r, valid only while it does. A factor reused from a matrix that
     moved by more than ~lambda_min fails this (x^T T x off by > 25%): it must be rebuilt."""
     x32 = x.to(torch.float32).reshape(-1, 1)
-    # two triangular solves: cholesky_solve copies the d x d factor on every call
+    # x^T (L L^T)^-1 x = |L^-1 x|^2: one triangular solve (cholesky_solve would also copy L)
     y = torch.linalg.solve_triangular(factor, x32, upper=False)
-    tx = torch.linalg.solve_triangular(factor.T, y, upper=True)
-    ratio = float((x32 * tx).sum()) * (theta + delta) / max(float((x32 * x32).sum()), 1e-300)
+    ratio = float((y * y).sum()) * (theta + delta) / max(float((x32 * x32).sum()), 1e-300)
     return 0.8 <= ratio <= 1.25
 
 

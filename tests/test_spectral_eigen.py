@@ -259,3 +259,19 @@ def test_start_block_columns_in_parallel_agree(dtype):
     for value, vector, info in results[1:]:
         assert info.iterations == results[0][2].iterations and torch.equal(info.factor, first.factor)
         assert torch.equal(value, results[0][0]) and torch.equal(vector, results[0][1])
+
+
+def test_factor_fit_check_of_the_cuda_path():
+    """spectral._factor_fits (the CUDA path's check of a reused factor; plain torch, so it runs
+    here): an fp32 factor of A + delta I fits A's bottom eigenpair, one of 2 A or of a matrix
+    that moved by 50 lambda_min does not."""
+    from calrft_kernels.spectral import _factor_fits
+    a = matrix("log", 200, 1e4)
+    w, v = torch.linalg.eigh(a)
+    delta = 1e-7 * float(a.diagonal().max())
+    eye = torch.eye(200, dtype=torch.float64)
+    def factor(m):
+        return torch.linalg.cholesky((m + delta * eye).float())
+    assert _factor_fits(factor(a), v[:, 0], float(w[0]), delta)
+    assert not _factor_fits(factor(2 * a), v[:, 0], float(w[0]), delta)
+    assert not _factor_fits(factor(a + 50 * float(w[0]) * eye), v[:, 0], float(w[0]), delta)
