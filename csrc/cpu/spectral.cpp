@@ -417,6 +417,13 @@ bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double t
   return ratio >= 0.8 && ratio <= 1.25;
 }
 
+// factor_fits on a finished solve's answer (its lowest Ritz pair, with its factor and shift).
+bool factor_fits_answer(const EigOut& r) {
+  std::vector<float> scratch;
+  return factor_fits(r.factor.data_ptr<float>(), r.vectors.size(0), r.vectors.data_ptr<double>(),
+                     r.vectors.size(1), r.values[0].item<double>(), r.delta, scratch);
+}
+
 // The operator of the Davidson loop: out [d, k] = A w for w [d, k] (row-major, leading dim k).
 // A matrix (its lower triangle, symm_lower) or a covariance given by its features.
 using ApplyOperator = std::function<void(const double* w, int64_t k, double* out)>;
@@ -697,11 +704,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
     // A reused factor only preconditions, but the stopping test reads its norm: if it does not
     // fit this matrix at the answer (or the solve did not converge), solve again with a fresh
     // factor, starting from the answer.
-    at::Tensor x = r.vectors.narrow(1, 0, 1).contiguous();
-    std::vector<float> scratch;
-    if (!r.converged || !factor_fits(r.factor.data_ptr<float>(), d, x.data_ptr<double>(), 1,
-                                     r.values[0].item<double>(), r.delta, scratch))
-      r = davidson(problem, x, at::Tensor(), 0.0, nev, tol, max_iter);
+    if (!r.converged || !factor_fits_answer(r))
+      r = davidson(problem, r.vectors.narrow(1, 0, 1).contiguous(), at::Tensor(), 0.0, nev, tol,
+                   max_iter);
   }
   if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
   return {r.values, r.vectors, r.factor, solve_stats(r)};
@@ -848,13 +853,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
                         }, max_diag, nullptr};
   EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
                       factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
-  if (r.converged) {
-    // The factor is Sigma_32's: the stopping test's bound holds only while it acts like
-    // (Sigma + delta I)^-1 on the answer (measured: within 4% up to condition number 1e7).
-    std::vector<float> scratch;
-    r.converged = factor_fits(r.factor.data_ptr<float>(), d, r.vectors.data_ptr<double>(),
-                              r.vectors.size(1), r.values[0].item<double>(), r.delta, scratch);
-  }
+  // The factor is Sigma_32's: the stopping test's bound holds only while it acts like
+  // (Sigma + delta I)^-1 on the answer (measured: within 4% up to condition number 1e7).
+  if (r.converged) r.converged = factor_fits_answer(r);
   return {r.values, r.vectors, solve_stats(r)};
 }
 
