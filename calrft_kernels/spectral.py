@@ -401,13 +401,21 @@ def _cov_eig_op(z: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta
 
 def _refine_max_steps(d: int) -> int:
     """Exact-covariance steps before giving up on the fp32-accumulated Sigma: as many as cost
-    less than what giving up costs. A step is two O(B d 8) fp64 passes over z; giving up forms
-    Sigma in fp64 (O(B d^2)) and solves afresh. Measured, B = 4d: a step 0.75 / 3 ms, giving up
-    16 / 105 ms at d = 512 / 1024 (break-even ~20 / ~35 steps); d // 64 keeps a margin. Log
+    less than what giving up costs. A step is two O(B d) fp64 passes over z (one column; the
+    start block's 8 columns cost 0.67 / 2.5 ms); giving up forms Sigma in fp64 (O(B d^2)) and
+    solves afresh. Measured, B = 4d: a step <= 0.75 / 3 ms, giving up 16 / 105 ms at d = 512 /
+    1024 (break-even >= 20 / 35 steps); d // 64 keeps a margin. Log
     spectra needed 0 / 2 / 4 / 5 steps at d = 512 and 1 / 2 / 5 / 8 at d = 1024 for condition
     numbers 1e4 / 1e5 / 1e6 / 1e7 (a fixed limit of 4 sent d = 1024, 1e6 to the fp64 path:
     170 ms instead of ~70)."""
     return max(4, d // 64)
+
+
+# The solve on Sigma_32 only starts the refinement, and Sigma_32's own lambda_min is 1e-5..1e-3 off
+# the exact one (condition 1e4..1e6): past this tolerance its steps are wasted. Solve + refinement,
+# ms (min of 3 x 15, one process), phase-one tol 1e-6 / 1e-4: d = 512, condition 1e4 3.74 / 3.65,
+# 1e6 4.95 / 4.66; d = 1024 23.3 / 23.2, 28.2 / 25.9 (1e-3 was slower again at d = 1024, 1e4).
+_SIGMA32_TOL = 1e-4
 
 
 def _refinable(z: Tensor, backend: str) -> bool:
@@ -417,17 +425,18 @@ def _refinable(z: Tensor, backend: str) -> bool:
 
 def _cov_eig_fp32_certified(z, v0, factor, delta, tol, max_iter, correction):
     """lambda_min of the fp64-accurate covariance at the cost of an fp32-accumulated one: solve
-    on Sigma_32 (the GEMM in fp32, ~2x faster than fp64), then continue the solver on the
-    features' exact covariance from that solve's final Ritz block (each step two O(B d 8) fp64
-    passes over z, nothing d x d in fp64; the stopping test now bounds the error on the exact
-    Sigma). None when that does not converge in _refine_max_steps(d) steps (condition numbers
+    on Sigma_32 (the GEMM in fp32, ~2x faster than fp64) to _SIGMA32_TOL, then continue the
+    solver on the features' exact covariance from that solve's final Ritz block (fp64 passes
+    over z: O(B d 8) for the block, O(B d) for each one-column step after it; nothing d x d in
+    fp64; the stopping test now bounds the error on the exact Sigma). None when that does not converge in _refine_max_steps(d) steps (condition numbers
     where fp32 accumulation moves the bottom far) or Sigma_32's factor does not fit the exact
     Sigma at the answer (the error bound reads its norm): the caller then forms Sigma in fp64."""
     cov, mean = _covariance_impl(z, correction, "cpu", False, lower_only=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # a fallback here only means: no certificate
-            w, v, f, st = _solve(cov, v0, factor, delta, 1, tol, max_iter, "auto", name="z")
+            w, v, f, st = _solve(cov, v0, factor, delta, 1, max(tol, _SIGMA32_TOL), max_iter,
+                                 "auto", name="z")
     except ValueError:  # NaN/inf in Sigma_32: in z (the fp64 path says so) or an fp32 overflow
         return None
     if float(st[4]) > 0 or float(st[1]) <= 0 or w.numel() < 2:

@@ -55,6 +55,20 @@ def test_native_chunks_blocks_and_lower_only(fp64):
     assert torch.equal(lower, full.tril())
 
 
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+def test_native_rows_whose_mean_drifts():
+    """The CPU kernel centres on the mean of the first chunk of rows and corrects the offset in
+    fp64. Rows whose mean drifts by 3 spreads after the first 300 (sorted by class, say), over
+    3 chunks: 4e-7..7e-7 measured; a shift from the first 256 rows alone gave 6e-6 (the
+    B e e^T correction then cancels most of the shifted Gram)."""
+    b, d = 9000, 700
+    z = features(b, d)
+    z[300:] += 3.0 * torch.randn(d).abs()
+    got, mean = _backend.native()[0].covariance_cpu(z, 1.0, False, False)
+    assert rel_err(got, reference_cov(z)) < 2e-6
+    assert float((mean - z.double().mean(0)).abs().max()) < 1e-7
+
+
 def test_one_pass_formula_would_fail():
     """The test above can fail: the naive fp32 one-pass formula misses the bound by far."""
     z = features(4099, 64)

@@ -74,6 +74,24 @@ def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
     assert float((sigma @ v - values[0] * v).norm()) <= 1e-3 * float(ref)
 
 
+@pytest.mark.skipif(_native() is None, reason="native extension not built")
+@pytest.mark.parametrize("b,d", [(1, 1), (3, 7), (257, 9), (1031, 67)])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 13])
+def test_exact_covariance_product_matches_fp64(b, d, k):
+    """The refinement's Sigma W from z (never formed) against float64: the one-column path
+    (k < 4, column by column along rows of z) and the 8-wide register tiles (k >= 4, padded)."""
+    z = features(b, d, mean=30.0)
+    z64 = z.double()
+    mean = z64.mean(0)
+    correction = 0.0 if b == 1 else 1.0
+    sigma = (z64 - mean).T @ (z64 - mean) / (b - correction)
+    w = torch.randn(d, k, dtype=torch.float64)
+    out = _native().covariance_times_cpu(z, mean, w, correction)
+    ref = sigma @ w
+    scale = float((sigma.abs() @ w.abs()).max())
+    assert float((out - ref).abs().max()) <= 1e-12 * max(scale, 1e-300)
+
+
 def _refinement_problem(b=1031, d=40):
     """fp32 features, their mean and exact covariance (fp64), the solver's shift, and a random
     orthonormal start block of 8 columns for refine_covariance_eig_cpu."""

@@ -9,7 +9,8 @@
 //                         (docs/spectral.md); its thin products are cpu/dense_blocks.h's.
 //   refine_covariance_eig_cpu  the same loop on the exact covariance of fp32 features, applied
 //                         from the features (covariance_sigma_min's fp64-accurate default).
-//   jacobi_eigh_cpu, dense_block_cpu   the shared small eigensolver and the thin kernels, for tests.
+//   jacobi_eigh_cpu, dense_block_cpu, covariance_times_cpu   the shared small eigensolver, the
+//                         thin kernels and the exact-covariance product, for tests.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -199,6 +200,8 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, doubl
   // B = 65536, d = 512; and no pass over the rest of z). The centred chunks' column sums, in
   // fp64, give e = mean - s exactly enough (they are small numbers: s is within ~spread /
   // sqrt(chunk) of the mean), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T.
+  // (The mean of the first 256 rows alone saved 0.42 ms at B = 4096, d = 1024, but lost 4 bits
+  // where the later rows' mean drifted by 3 spreads: the e e^T term then dominates.)
   const int64_t first = std::min(chunk, B);
   at::Tensor shift = z_in.narrow(0, 0, first).sum(0, /*keepdim=*/false, ct)
                          .div_(double(std::max<int64_t>(first, 1)));
@@ -433,6 +436,11 @@ struct Problem {
   ApplyOperator apply;
   double max_diag;                    // max_i A_ii: the shift and the rounding floor
   const at::Tensor* matrix = nullptr; // for (re)factorisation; null: the factor is given, kept
+  // Expand the basis by the wanted pairs' corrections only, not the whole block's: for the
+  // refinement, whose start block already spans the bottom (covariance_times on 1 column
+  // instead of 8). Same step counts there (log spectra, d = 512 / 1024, condition 1e4..1e6:
+  // 1 / 2 / 4 and 1 / 2 / 5 steps either way); from a random start the block's are needed.
+  bool narrow_expansion = false;
 };
 
 // The basis of the Davidson loop: V and AV = A V as [d, mmax] row-major buffers whose first m
@@ -641,7 +649,10 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
     if (worst <= tol || m == d) { out.converged = true; break; }
     if (it >= max_iter) break;
     if (m + blk > mmax && keep < m) restart_basis(basis, y, theta, keep, scratch64);
-    if (extend_basis(problem.apply, basis, w, nb, scratch64) == 0) break;  // stagnated
+    const int64_t grow = problem.narrow_expansion ? std::min(nev, nb) : nb;
+    for (int64_t i = 0; grow < nb && i < d; ++i)  // keep the first `grow` columns of W
+      std::copy(w.data() + i * nb, w.data() + i * nb + grow, w.data() + i * grow);
+    if (extend_basis(problem.apply, basis, w, grow, scratch64) == 0) break;  // stagnated
   }
   // The whole final block: the caller reads the nev wanted pairs; the next ones serve as a gap
   // estimate and a refinement basis (refine_covariance_eig_cpu).
@@ -759,17 +770,107 @@ std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& a_in) {
   return {w, v};
 }
 
+// The skeleton of the exact-covariance products below: rows of z split into `threads`
+// contiguous ranges (OpenMP, not ATen: the solver loop runs under SingleThreadScope), each
+// summing into its own partial sums ([d k] for Zc^T U, then [k] for the column sums of U)
+// through row_pass(sums, usum, b0, rows) on groups of <= 4 rows; then
+// out[j, c] (row-major, leading dim ldo) = (sum_j,c - mean_j usum_c) / (B - correction).
+template <typename RowPass>
+void covariance_product(int64_t B, int64_t d, int64_t k, const double* mean, double correction,
+                        double* out, int64_t ldo, int threads, const RowPass& row_pass) {
+  constexpr int R = 4;
+  const int parts = int(std::clamp<int64_t>(threads, 1, std::max<int64_t>(B / 256, 1)));
+  std::vector<std::vector<double>> sums(parts, std::vector<double>(d * k + k, 0.0));
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    double *acc_out = sums[p].data(), *usum = acc_out + d * k;
+    const int64_t end = B * (p + 1) / parts;
+    int64_t b = B * p / parts;
+    for (; b + R <= end; b += R) row_pass(acc_out, usum, b, R);
+    for (; b < end; ++b) row_pass(acc_out, usum, b, 1);
+  }
+  for (int p = 1; p < parts; ++p)
+    for (int64_t i = 0; i < d * k + k; ++i) sums[0][i] += sums[p][i];
+  const double scale = 1.0 / (double(B) - correction);
+  const double* usum = sums[0].data() + d * k;
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t c = 0; c < k; ++c)
+      out[j * ldo + c] = (sums[0][j * k + c] - mean[j] * usum[c]) * scale;
+}
+
+// One column w [d] of a narrow product, rows [b0, b0 + R): u_q = z_q . w - mean . w, then
+// acc += sum_q u_q z_q and usum += sum_q u_q. Vectorised along j (z converted to fp64 four
+// entries at a time), so it runs near the speed of one pass over z whatever d is; the R rows stay
+// in L1 between the two loops.
+template <int R>
+void narrow_rows_pass(const float* z, int64_t d, const double* w, double mw, int64_t b0,
+                      double* acc, double* usum) {
+  using V = dense::Chunk<double>::vec;
+  using VU = dense::Chunk<double>::unaligned;
+  typedef float F4 __attribute__((vector_size(16), aligned(4), may_alias));
+  auto z4 = [&](int q, int64_t j) {  // z[b0 + q, j:j+4] as fp64
+    return __builtin_convertvector(*reinterpret_cast<const F4*>(z + (b0 + q) * d + j), V);
+  };
+  const int64_t d8 = d - d % 8;
+  V s[R][2] = {};
+  for (int64_t j = 0; j < d8; j += 8) {
+    const V w0 = *reinterpret_cast<const VU*>(w + j), w1 = *reinterpret_cast<const VU*>(w + j + 4);
+    for (int q = 0; q < R; ++q) {
+      s[q][0] += z4(q, j) * w0;
+      s[q][1] += z4(q, j + 4) * w1;
+    }
+  }
+  double u[R];
+  for (int q = 0; q < R; ++q) {
+    const V t = s[q][0] + s[q][1];
+    u[q] = (t[0] + t[1]) + (t[2] + t[3]);
+    for (int64_t j = d8; j < d; ++j) u[q] += double(z[(b0 + q) * d + j]) * w[j];
+    u[q] -= mw;
+    *usum += u[q];
+  }
+  for (int64_t j = 0; j < d8; j += 8) {
+    V o0 = *reinterpret_cast<const VU*>(acc + j), o1 = *reinterpret_cast<const VU*>(acc + j + 4);
+    for (int q = 0; q < R; ++q) {
+      o0 += u[q] * z4(q, j);
+      o1 += u[q] * z4(q, j + 4);
+    }
+    *reinterpret_cast<VU*>(acc + j) = o0;
+    *reinterpret_cast<VU*>(acc + j + 4) = o1;
+  }
+  for (int64_t j = d8; j < d; ++j)
+    for (int q = 0; q < R; ++q) acc[j] += u[q] * double(z[(b0 + q) * d + j]);
+}
+
+// Below this many columns a product goes column by column (narrow_rows_pass: one pass over z
+// each) instead of through the 8-wide register tiles, which would pad W with zero columns: the
+// refinement's expansions are one column (davidson's narrow_expansion).
+constexpr int64_t kNarrowProductBelow = 4;
+
 // Sigma W = Zc^T (Zc W) / (B - c) for the covariance of fp32 features z [B, d] (mean fp64), in
-// fp64 sums of exact products, never forming Sigma: two passes over z, O(B d k). Rows of z in
-// groups of 4 and columns of W in chunks of 8 (the register tiles of dense_blocks.h): U = Z W
-// for the 4 rows, then out += Z_rows^T U. `threads` row ranges run in parallel (OpenMP, not
-// ATen: the solver loop runs under SingleThreadScope), each into its own partial sums: one
-// product is 4 B d k flops (d = 1024, B = 4096, k = 8: 5 ms on one core), big enough to split.
+// fp64 sums of exact products, never forming Sigma: two passes over z, O(B d k), `threads` row
+// ranges in parallel (covariance_product). Wide: rows of z in groups of 4 and columns of W in
+// chunks of 8 (the register tiles of dense_blocks.h): U = Z W for the 4 rows, then out +=
+// Z_rows^T U. One product is 4 B d k flops (d = 1024, B = 4096, k = 8: 5 ms on one core), big
+// enough to split.
 void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, double correction,
                       const double* w, int64_t k, double* out, int threads) {
-  using V = dense::Chunk<double>::vec;
-  constexpr int NV = dense::Chunk<double>::kVecs, R = 4;
-  if (k % 8 != 0) {  // (d < 8 only) pad W with zero columns
+  if (k < kNarrowProductBelow) {
+    std::vector<double> wc(d);
+    for (int64_t c = 0; c < k; ++c) {
+      double mw = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        wc[j] = w[j * k + c];
+        mw += mean[j] * wc[j];
+      }
+      covariance_product(B, d, 1, mean, correction, out + c, k, threads,
+                         [&](double* acc, double* usum, int64_t b0, int rows) {
+                           if (rows == 4) narrow_rows_pass<4>(z, d, wc.data(), mw, b0, acc, usum);
+                           else narrow_rows_pass<1>(z, d, wc.data(), mw, b0, acc, usum);
+                         });
+    }
+    return;
+  }
+  if (k % 8 != 0) {  // pad W with zero columns to a multiple of 8
     const int64_t kp = k + 8 - k % 8;
     std::vector<double> wp(d * kp, 0.0), op(d * kp);
     for (int64_t j = 0; j < d; ++j) std::copy(w + j * k, w + (j + 1) * k, wp.data() + j * kp);
@@ -777,12 +878,11 @@ void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, 
     for (int64_t j = 0; j < d; ++j) std::copy(op.data() + j * kp, op.data() + j * kp + k, out + j * k);
     return;
   }
+  using V = dense::Chunk<double>::vec;
+  constexpr int NV = dense::Chunk<double>::kVecs, R = 4;
   std::vector<double> mw(k, 0.0);
   for (int64_t j = 0; j < d; ++j)
     for (int64_t c = 0; c < k; ++c) mw[c] += mean[j] * w[j * k + c];
-  const int parts = int(std::clamp<int64_t>(threads, 1, std::max<int64_t>(B / 256, 1)));
-  // part p accumulates rows [B p / parts, B (p + 1) / parts) into sums[p] ([d k] then usum [k])
-  std::vector<std::vector<double>> sums(parts, std::vector<double>(d * k + k, 0.0));
   auto rows_pass = [&](double* acc_out, double* usum, int64_t b0, int rows) {
     for (int64_t c0 = 0; c0 < k; c0 += 8) {
       V u[R][NV] = {};
@@ -814,21 +914,7 @@ void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, 
       }
     }
   };
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    double *acc_out = sums[p].data(), *usum = acc_out + d * k;
-    const int64_t end = B * (p + 1) / parts;
-    int64_t b = B * p / parts;
-    for (; b + R <= end; b += R) rows_pass(acc_out, usum, b, R);
-    for (; b < end; ++b) rows_pass(acc_out, usum, b, 1);
-  }
-  for (int p = 1; p < parts; ++p)
-    for (int64_t i = 0; i < d * k + k; ++i) sums[0][i] += sums[p][i];
-  const double scale = 1.0 / (double(B) - correction);
-  const double* usum = sums[0].data() + d * k;
-  for (int64_t j = 0; j < d; ++j)
-    for (int64_t c = 0; c < k; ++c)
-      out[j * k + c] = (sums[0][j * k + c] - mean[j] * usum[c]) * scale;
+  covariance_product(B, d, k, mean, correction, out, k, threads, rows_pass);
 }
 
 // The solver on the EXACT covariance of fp32 features z, given only through covariance_times:
@@ -850,13 +936,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
   const int threads = at::get_num_threads();  // (the solver below runs on one ATen thread)
   const Problem problem{d, [=](const double* w, int64_t k, double* out) {
                           covariance_times(pz, B, d, pm, correction, w, k, out, threads);
-                        }, max_diag, nullptr};
+                        }, max_diag, nullptr, /*narrow_expansion=*/true};
   EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
                       factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
   // The factor is Sigma_32's: the stopping test's bound holds only while it acts like
   // (Sigma + delta I)^-1 on the answer (measured: within 4% up to condition number 1e7).
   if (r.converged) r.converged = factor_fits_answer(r);
   return {r.values, r.vectors, solve_stats(r)};
+}
+
+// covariance_times for tests: Sigma w for the covariance of fp32 z given its fp64 mean, on the
+// caller's threads.
+at::Tensor covariance_times_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
+                                const at::Tensor& w_in, double correction) {
+  TORCH_CHECK(z_in.dim() == 2 && z_in.scalar_type() == at::kFloat, "z must be 2-D fp32");
+  const at::Tensor z = z_in.contiguous(), mean = mean_in.to(at::kDouble).contiguous();
+  const at::Tensor w = w_in.to(at::kDouble).contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == z.size(1) && mean.numel() == z.size(1),
+              "shape mismatch");
+  at::Tensor out = at::empty_like(w);
+  covariance_times(z.data_ptr<float>(), z.size(0), z.size(1), mean.data_ptr<double>(), correction,
+                   w.data_ptr<double>(), w.size(1), out.data_ptr<double>(), at::get_num_threads());
+  return out;
 }
 
 // Elementwise Chan merge of two comoment matrices (fp64): used by CovarianceAccumulator.merge.
@@ -890,6 +991,8 @@ void register_spectral_cpu(pybind11::module_& m) {
   m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
   m.def("refine_covariance_eig_cpu", &refine_covariance_eig_cpu,
         "exact Rayleigh quotient + error bound of a covariance eigenpair, from the features");
+  m.def("covariance_times_cpu", &covariance_times_cpu,
+        "Sigma w from fp32 features and their mean, never forming Sigma (tests)");
   m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
 }
 
