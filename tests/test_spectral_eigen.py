@@ -215,6 +215,43 @@ def test_preconditioner_solves(d, k):
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+@pytest.mark.parametrize("d", [1, 2, 7, 8, 9, 63, 64, 65, 130, 257, 449])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_preconditioner_cholesky(d, threads):
+    """The blocked fp32 Cholesky (64-column blocks, 8-row diagonal sub-blocks, rows split over
+    threads) against float64 at every block remainder: L L^T = A to fp32 accuracy, L within fp32
+    rounding of float64's factor, zeros above the diagonal, the upper triangle never read."""
+    g = torch.randn(d, 2 * d + 1, dtype=torch.float64)
+    a64 = g @ g.T / d + 1e-2 * torch.eye(d, dtype=torch.float64)
+    a = a64.float()
+    l, ok = _backend.native()[0].cholesky_cpu(_nan_above_diagonal(a), threads)
+    assert ok and torch.equal(l, l.tril())
+    l64 = torch.linalg.cholesky(a.double())
+    assert float((l.double() @ l.double().T - a.double()).norm() / a.double().norm()) < 5e-7
+    kappa = float(torch.linalg.cond(a64))
+    assert float((l.double() - l64).abs().max() / l64.abs().max()) < 1e-6 * max(kappa, 10.0)
+    same, _ = _backend.native()[0].cholesky_cpu(a, 1)       # threads split rows, not sums
+    assert torch.equal(l, same)
+
+
+@pytest.mark.skipif(_backend.native()[0] is None, reason="native extension not built")
+@pytest.mark.parametrize("bad", ["indefinite", "nan", "inf"])
+def test_preconditioner_cholesky_refuses(bad):
+    """Not positive definite in fp32, or a non-finite entry anywhere in the lower triangle
+    (here in the last block, past the first pivot): ok is False."""
+    d = 200
+    g = torch.randn(d, 2 * d, dtype=torch.float64)
+    a = (g @ g.T / d).float()
+    if bad == "indefinite":
+        a[150, 150] = -1.0
+    else:
+        a[180, 170] = float(bad)
+    for threads in (1, 2):
+        _, ok = _backend.native()[0].cholesky_cpu(a, threads)
+        assert not ok
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_upper_triangle_is_not_read(dtype):
     """Like torch.linalg.eigh, the solver reads the lower triangle; NaN there is an error."""

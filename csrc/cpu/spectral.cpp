@@ -9,8 +9,9 @@
 //                         (docs/spectral.md); its thin products are cpu/dense_blocks.h's.
 //   refine_covariance_eig_cpu  the same loop on the exact covariance of fp32 features, applied
 //                         from the features (covariance_sigma_min's fp64-accurate default).
-//   jacobi_eigh_cpu, dense_block_cpu, covariance_times_cpu   the shared small eigensolver, the
-//                         thin kernels and the exact-covariance product, for tests.
+//   jacobi_eigh_cpu, dense_block_cpu, covariance_times_cpu, cholesky_cpu   the shared small
+//                         eigensolver, the thin kernels, the exact-covariance product and the
+//                         preconditioner's Cholesky, for tests.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -242,46 +243,48 @@ struct EigOut {
   bool refactored = false;
 };
 
-// LAPACK routines called straight from the torch library when it exports them (MKL builds do):
-// at::linalg_cholesky_ex / at::linalg_eigh copy to and from LAPACK's column-major layout and
-// add checks, ~1 ms for a 512 x 512 Cholesky and ~0.15 ms for a 48 x 48 eigh. Weak symbols:
-// where a build lacks them the ATen calls take over.
-extern "C" void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info)
-    __attribute__((weak));
+// LAPACK's dsyevd called straight from the torch library when it exports it (MKL builds do):
+// at::linalg_eigh copies to and from LAPACK's column-major layout and adds checks, ~0.15 ms
+// for a 48 x 48 eigh. A weak symbol: where a build lacks it the ATen call takes over.
 extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a,
                         const int* lda, double* w, double* work, const int* lwork, int* iwork,
                         const int* liwork, int* info) __attribute__((weak));
 
+// The Davidson iteration runs on one thread: every step is a dozen thin products (d x 8 blocks)
+// and a <= 48 x 48 eigh, far too small to split, and with 2 threads each call forks and joins a
+// team; on a shared host a join waits for a descheduled thread (measured at load 7, d = 512: a
+// whole solve 110 ms with 2 threads, 39 ms with 1). The factorisation is large enough to gain
+// from the caller's threads on a quiet host, so from kThreadedFactorMinDim on it gets them.
+constexpr int64_t kThreadedFactorMinDim = 384;
+
+// Block columns of the preconditioner's Cholesky (dense::cholesky_blocked). Kernel alone,
+// interleaved, median of 15, ms, d = 512 / 1024: MKL spotrf (2 threads) 1.22 / 5.14; blocked,
+// 2 threads, 32 / 64 / 128 columns 0.88 / 0.84 / 0.95 and 4.22 / 3.88 / 3.99; 64, 1 thread 0.90
+// / 5.86.
+constexpr int64_t kCholBlock = 64;
+
 // Cholesky of the symmetric row-major fp32 buffer `a` [d, d] in place: the lower triangle
 // becomes L (A = L L^T), the strict upper triangle zeros. Returns false if A is not PD.
-bool cholesky_lower_inplace(at::Tensor& a) {
-  const int n = int(a.size(0));
+bool cholesky_lower_inplace(at::Tensor& a, int threads) {
+  const int64_t n = a.size(0);
   float* p = a.data_ptr<float>();
-  int info = 1;
-  if (spotrf_ != nullptr) {
-    // Row-major A read as column-major is A (symmetric); LAPACK's upper factor U (A = U^T U) in
-    // column-major memory is L = U^T in row-major memory: no transposed copies.
-    spotrf_("U", &n, p, &n, &info);
-    if (info != 0) return false;
-  } else {
-    auto [l, err] = at::linalg_cholesky_ex(a);
-    if (err.item<int>() != 0) return false;
-    a.copy_(l);
-  }
-  for (int i = 0; i < n; ++i) std::fill(p + int64_t(i) * n + i + 1, p + int64_t(i + 1) * n, 0.f);
+  if (!dense::cholesky_blocked(p, n, n, kCholBlock, threads)) return false;
+  for (int64_t i = 0; i < n; ++i) std::fill(p + i * n + i + 1, p + (i + 1) * n, 0.f);
   return true;
 }
 
-// fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries).
-bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor* factor,
-                                double* delta) {
+// fp32 Cholesky of A + delta I; delta grows 10x per failure (at most 8 tries). The caller's
+// `threads` from kThreadedFactorMinDim on.
+bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* factor,
+                           double* delta, int threads) {
   const int64_t d = a.size(0);
+  const int used = d >= kThreadedFactorMinDim ? std::max(threads, 1) : 1;
   double shift = sm::initial_shift(max_diag);
   for (int attempt = 0; attempt < 8; ++attempt, shift *= 10.0) {
     at::Tensor shifted = a.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     float* p = shifted.data_ptr<float>();
     for (int64_t i = 0; i < d; ++i) p[i * d + i] = float(double(p[i * d + i]) + shift);
-    if (cholesky_lower_inplace(shifted)) {
+    if (cholesky_lower_inplace(shifted, used)) {
       *factor = shifted;
       *delta = shift;
       return true;
@@ -290,13 +293,6 @@ bool preconditioner_factor_impl(const at::Tensor& a, double max_diag, at::Tensor
   return false;
 }
 
-// The Davidson iteration runs on one thread: every step is a dozen thin products (d x 8 blocks)
-// and a <= 48 x 48 eigh, far too small to split, and with 2 threads each call forks and joins a
-// team; on a shared host a join waits for a descheduled thread (measured at load 7, d = 512: a
-// whole solve 110 ms with 2 threads, 39 ms with 1). The factorisation is large enough to gain
-// from the caller's threads on a quiet host (d = 512: 0.96 ms with 2, 1.41 ms with 1; d = 1024:
-// 6.4 vs 11.0 ms), so from kThreadedFactorMinDim on it gets them back.
-constexpr int64_t kThreadedFactorMinDim = 384;
 
 class SingleThreadScope {
  public:
@@ -306,16 +302,6 @@ class SingleThreadScope {
  private:
   int saved_;
 };
-
-// The factorisation, with the caller's threads `threads` only when d is large enough to gain.
-bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* factor,
-                           double* delta, int threads) {
-  const bool threaded = threads > 1 && a.size(0) >= kThreadedFactorMinDim;
-  if (threaded) at::set_num_threads(threads);
-  const bool ok = preconditioner_factor_impl(a, max_diag, factor, delta);
-  if (threaded) at::set_num_threads(1);
-  return ok;
-}
 
 // The projected eigenproblem (dsyevd, else at::linalg_eigh).
 class SmallEigh {
@@ -945,6 +931,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
   return {r.values, r.vectors, solve_stats(r)};
 }
 
+// The preconditioner's Cholesky for tests: (L with zeros above, ok) on `threads` threads.
+std::tuple<at::Tensor, bool> cholesky_cpu(const at::Tensor& a_in, int64_t threads) {
+  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "a must be square");
+  at::Tensor a = a_in.to(at::kFloat).contiguous().clone();
+  const bool ok = cholesky_lower_inplace(a, int(threads));
+  return {a, ok};
+}
+
 // covariance_times for tests: Sigma w for the covariance of fp32 z given its fp64 mean, on the
 // caller's threads.
 at::Tensor covariance_times_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
@@ -991,6 +985,7 @@ void register_spectral_cpu(pybind11::module_& m) {
   m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
   m.def("refine_covariance_eig_cpu", &refine_covariance_eig_cpu,
         "exact Rayleigh quotient + error bound of a covariance eigenpair, from the features");
+  m.def("cholesky_cpu", &cholesky_cpu, "the preconditioner's blocked fp32 Cholesky (tests)");
   m.def("covariance_times_cpu", &covariance_times_cpu,
         "Sigma w from fp32 features and their mean, never forming Sigma (tests)");
   m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
