@@ -257,10 +257,9 @@ extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double
 // from the caller's threads on a quiet host, so from kThreadedFactorMinDim on it gets them.
 constexpr int64_t kThreadedFactorMinDim = 384;
 
-// Block columns of the preconditioner's Cholesky (dense::cholesky_blocked). Kernel alone,
-// interleaved, median of 15, ms, d = 512 / 1024: MKL spotrf (2 threads) 1.22 / 5.14; blocked,
-// 2 threads, 32 / 64 / 128 columns 0.88 / 0.84 / 0.95 and 4.22 / 3.88 / 3.99; 64, 1 thread 0.90
-// / 5.86.
+// Block columns of the preconditioner's Cholesky (dense::cholesky_blocked). Kernel alone, 2
+// threads, interleaved, median of 15, ms, d = 512 / 1024, 32 / 64 / 128 columns: 0.88 / 0.84 /
+// 0.95 and 4.22 / 3.88 / 3.99 (MKL's spotrf in the same run: 1.22 / 5.14).
 constexpr int64_t kCholBlock = 64;
 
 // Cholesky of the symmetric row-major fp32 buffer `a` [d, d] in place: the lower triangle
