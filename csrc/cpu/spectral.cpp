@@ -292,7 +292,6 @@ bool preconditioner_factor(const at::Tensor& a, double max_diag, at::Tensor* fac
   return false;
 }
 
-
 class SingleThreadScope {
  public:
   SingleThreadScope() : saved_(at::get_num_threads()) { if (saved_ > 1) at::set_num_threads(1); }
