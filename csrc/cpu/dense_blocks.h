@@ -216,11 +216,10 @@ inline double dot(const double* x, const double* y, int64_t n) {
 // network of an AVX transpose). For the blocked Cholesky's panel transposes: with the scalar
 // loop they were about a third of its time on one core (perf, d = 512); with this tile the
 // one-thread factor went from 0.95 to 0.76 ms.
-inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+// r[i] (row i of an 8 x 8 tile) becomes column i, in registers.
+inline void transpose8x8_registers(Chunk<float>::vec* r) {
   using V = Chunk<float>::vec;
-  using U = Chunk<float>::unaligned;
-  V r[8], t[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const U*>(src + i * lds);
+  V t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
     t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -231,11 +230,18 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
       u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + 2 + h], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int i = 0; i < 4; ++i) {
-    *reinterpret_cast<U*>(dst + i * ldd) =
-        __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    *reinterpret_cast<U*>(dst + (i + 4) * ldd) =
-        __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
+}
+
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  using V = Chunk<float>::vec;
+  using U = Chunk<float>::unaligned;
+  V r[8];
+  for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const U*>(src + i * lds);
+  transpose8x8_registers(r);
+  for (int i = 0; i < 8; ++i) *reinterpret_cast<U*>(dst + i * ldd) = r[i];
 }
 
 // Transpose a row-major [rows, cols] block (leading dim lds) into row-major [cols, rows]

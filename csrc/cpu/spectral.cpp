@@ -68,6 +68,34 @@ constexpr int64_t kGramBlock = 64;
 // were slower than above 256 at every size).
 constexpr int64_t kGramSplitAbove = 256;
 
+// The fp32 case of centre_transposed below, for a full tile of `rows` (a multiple of 8) rows and
+// 8 columns: ct[j, t] = z[t, j] - shift[j] through 8 x 8 register transposes, sums[j] +=
+// sum_t (z[t, j] - shift[j]) in fp64, in the same order as the generic loop (the same bits).
+// That loop wrote through a tile buffer with a 32-float copy per row of it: perf at B = 2048,
+// d = 512 gave centring 7.9% of covariance_cpu plus 4.5% in memmove; now 7.8% and none (the
+// loop is bound by its passes over memory).
+void centre_transpose_8x8(const float* z, int64_t d, const float* shift, int64_t rows, float* ct,
+                          int64_t ld, double* sums) {
+  using V = dense::Chunk<float>::vec;
+  using U = dense::Chunk<float>::unaligned;
+  using D = dense::Chunk<double>::vec;
+  using DU = dense::Chunk<double>::unaligned;
+  const V s = *reinterpret_cast<const U*>(shift);
+  D lo = *reinterpret_cast<const DU*>(sums), hi = *reinterpret_cast<const DU*>(sums + 4);
+  for (int64_t t0 = 0; t0 < rows; t0 += 8) {
+    V r[8];
+    for (int q = 0; q < 8; ++q) {
+      r[q] = *reinterpret_cast<const U*>(z + (t0 + q) * d) - s;
+      lo += __builtin_convertvector(__builtin_shufflevector(r[q], r[q], 0, 1, 2, 3), D);
+      hi += __builtin_convertvector(__builtin_shufflevector(r[q], r[q], 4, 5, 6, 7), D);
+    }
+    dense::transpose8x8_registers(r);
+    for (int c = 0; c < 8; ++c) *reinterpret_cast<U*>(ct + c * ld + t0) = r[c];
+  }
+  *reinterpret_cast<DU*>(sums) = lo;
+  *reinterpret_cast<DU*>(sums + 4) = hi;
+}
+
 // ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
 // += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
 // summed index contiguous in both operands, MKL runs the column blocks 1.2-1.3x faster (d =
@@ -89,6 +117,14 @@ void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* 
       for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
         const int64_t nj = std::min(kTile, c1 - j0);
         double* a = acc.data() + (j0 - c0);
+        if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
+          if (nt == kTile && nj == kTile) {  // 8 x 8 register tiles, no tile buffer
+            for (int64_t jj = 0; jj < kTile; jj += 8)
+              centre_transpose_8x8(z + t0 * d + j0 + jj, d, shift + j0 + jj, kTile,
+                                   ct + (j0 + jj) * ld + t0, ld, a + jj);
+            continue;
+          }
+        }
         for (int64_t t = 0; t < nt; ++t) {  // a row of the tile: contiguous, vectorised
           const In* zt = z + (t0 + t) * d + j0;
           for (int64_t j = 0; j < nj; ++j) {
