@@ -404,10 +404,9 @@ def _refine_max_steps(d: int) -> int:
     less than what giving up costs. A step is two O(B d) fp64 passes over z (one column; the
     start block's 8 columns cost 0.67 / 2.5 ms); giving up forms Sigma in fp64 (O(B d^2)) and
     solves afresh. Measured, B = 4d: a step <= 0.75 / 3 ms, giving up 16 / 105 ms at d = 512 /
-    1024 (break-even >= 20 / 35 steps); d // 64 keeps a margin. Log
-    spectra needed 0 / 2 / 4 / 5 steps at d = 512 and 1 / 2 / 5 / 8 at d = 1024 for condition
-    numbers 1e4 / 1e5 / 1e6 / 1e7 (a fixed limit of 4 sent d = 1024, 1e6 to the fp64 path:
-    170 ms instead of ~70)."""
+    1024 (break-even >= 20 / 35 steps); d // 64 keeps a margin. Log spectra needed 0 / 2 / 4 / 5
+    steps at d = 512 and 1 / 2 / 5 / 8 at d = 1024 for condition numbers 1e4 / 1e5 / 1e6 / 1e7
+    (a fixed limit of 4 sent d = 1024, 1e6 to the fp64 path: 170 ms instead of ~70)."""
     return max(4, d // 64)
 
 
@@ -428,9 +427,10 @@ def _cov_eig_fp32_certified(z, v0, factor, delta, tol, max_iter, correction):
     on Sigma_32 (the GEMM in fp32, ~2x faster than fp64) to _SIGMA32_TOL, then continue the
     solver on the features' exact covariance from that solve's final Ritz block (fp64 passes
     over z: O(B d 8) for the block, O(B d) for each one-column step after it; nothing d x d in
-    fp64; the stopping test now bounds the error on the exact Sigma). None when that does not converge in _refine_max_steps(d) steps (condition numbers
-    where fp32 accumulation moves the bottom far) or Sigma_32's factor does not fit the exact
-    Sigma at the answer (the error bound reads its norm): the caller then forms Sigma in fp64."""
+    fp64; the stopping test now bounds the error on the exact Sigma). None when that does not
+    converge in _refine_max_steps(d) steps (condition numbers where fp32 accumulation moves the
+    bottom far) or Sigma_32's factor does not fit the exact Sigma at the answer (the error bound
+    reads its norm): the caller then forms Sigma in fp64."""
     cov, mean = _covariance_impl(z, correction, "cpu", False, lower_only=True)
     try:
         with warnings.catch_warnings():

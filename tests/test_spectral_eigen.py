@@ -279,9 +279,9 @@ def test_fp32_matrix_is_solved_as_received(d, kappa):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_start_block_columns_in_parallel_agree(dtype):
     """From d = 384 on, the start block's sweeps run in column parts of 8 on the caller's
-    threads; each column's arithmetic is the same in any part, so with one factor (the
-    factorisation's own threads may round differently) 1, 2 and 3 threads give the same bits
-    (d = 389: the last block of every triangular solve is partial)."""
+    threads; each column's arithmetic is the same in any part, so with one factor 1, 2 and 3
+    threads give the same bits (d = 389: the last block of every triangular solve is partial).
+    The factorisation's own thread-count independence is test_preconditioner_cholesky's."""
     a = matrix("log", 389, 1e5, dtype)
     _, _, first = smallest_eigenvalue(a, return_info=True)
     saved = torch.get_num_threads()
