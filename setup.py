@@ -104,6 +104,10 @@ setup(
     description="Fused kernels for calibrated robust fine-tuning (CaRot) of CLIP models",
     packages=packages,
     package_dir=package_dir,
+    # Data files the packages read at run time (a wheel or a non-editable install must carry
+    # them: tests/test_packaging.py checks what build_py ships against what the code opens).
+    package_data={"calrft": ["model_configs/*.json"]},
+    include_package_data=False,
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
