@@ -73,14 +73,13 @@ def cuda_native_usable(device, symbol: str) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
-            has_triton: bool = True) -> str:
+def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None) -> str:
     """Map backend="auto" to a concrete one for `device`, and check a forced one exists here."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            backend = "triton" if has_triton else "cuda"
+            backend = "triton"
         elif device.type == "cpu":
             backend = "cpu"
         else:
@@ -90,23 +89,9 @@ def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
     if backend == "cpu":
         ok, why = cpu_native_usable(device)
     elif backend == "triton":
-        ok, why = triton_usable(device) if has_triton else (False, f"{op} has no Triton kernel")
+        ok, why = triton_usable(device)
     else:
         ok, why = cuda_native_usable(device, cuda_symbol or f"{op}_cuda")
     if not ok:
         raise ValueError(f"backend={backend!r} is unavailable for {op}: {why}")
     return backend
-
-
-def describe() -> dict:
-    """What runs where on this machine (for the README's backend matrix and bug reports)."""
-    import torch
-    mod, why = native()
-    return {
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "native_cpu": mod is not None or why,
-        "native_cuda": bool(mod is not None and getattr(mod, "with_cuda", False)),
-        "triton": _triton_import()[0] or _triton_import()[1],
-        "triton_interpreter": triton_interpreted(),
-    }
