@@ -8,7 +8,7 @@ import functools
 import importlib
 import os
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference", "chunked")
 
 
 def _import_native():
@@ -73,13 +73,22 @@ def cuda_native_usable(device, symbol: str) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None) -> str:
-    """Map backend="auto" to a concrete one for `device`, and check a forced one exists here."""
+def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
+            auto_cuda: str = "triton", chunked: bool = False) -> str:
+    """Map backend="auto" to a concrete one for `device`, and check a forced one exists here.
+    auto_cuda: what "auto" means on CUDA tensors for this op; chunked: whether the op has a
+    "chunked" kernel (plain torch.mm plus optional Triton passes: runs on any device)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "chunked":
+        if not chunked:
+            raise ValueError(f"backend='chunked' is unavailable for {op}: it has no chunked kernel")
+        return backend
     if backend == "auto":
         if device.type == "cuda":
-            backend = "triton"
+            backend = auto_cuda
+            if backend == "chunked":
+                return backend
         elif device.type == "cpu":
             backend = "cpu"
         else:

@@ -1,38 +1,70 @@
 """contrastive_loss: CLIP's symmetric InfoNCE (+ CaRot's self-distillation) without B x B logits.
 
-How the work is split (docs/design.md has the derivation):
-- The kernels (C++ on CPU, Triton on GPU) compute only per-row and per-column statistics of the
-  logits tiles: log-sum-exp of S, and with a teacher the log-sum-exp of T and sum softmax(T) S.
-  They are wrapped here as the torch.library op `calrft::contrastive_stats` (fake kernel and
-  autograd registered, so the loss works under torch.compile).
-- Everything else - validation, dtype rules, targets (identity / labels / smoothing), the linear
-  target terms, weights, the process group - is O(B d) PyTorch shared by every backend.
+How the work is split (docs/design.md has the derivation and the kernel contract):
+- `ContrastiveInputs.validate` checks every argument ONCE, at the Python boundary, and returns a
+  frozen, typed object; nothing below it validates user input again.
+- `contrastive_terms` is the one composition: it turns validated inputs into the two terms
+  (MCL and SD) from the statistics op plus O(B d) PyTorch (targets, labels, smoothing, the
+  linear target terms, the process group). contrastive_loss, ClipLoss and CaRotLoss all call it.
+- The statistics op `calrft::contrastive_stats` (torch.library: fake kernel, registered autograd,
+  so the loss works under torch.compile) has one kernel per backend, all with one contract:
+    "cpu"       C++ kernel (csrc/cpu/contrastive.cpp), tiles never stored
+    "triton"    fused Triton kernels (calrft_kernels/triton/contrastive.py), tiles never stored
+    "chunked"   row chunks: one GEMM per chunk into a bounded [C, B] buffer plus one fused pass
+                (calrft_kernels/chunked.py); the default on CUDA
+    "reference" the materialising float64-capable references (calrft_kernels/reference.py)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend
 from .distributed import gather_no_grad, gather_with_grad, world
-from .reference import contrastive_loss_reference
+
+__all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
+           "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
+           "check_weight", "CHECK_DEVICE_SCALARS"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Tensor scalars (logit_scale, logit_bias, teacher_logit_scale) are checked for finiteness. On
+# the CPU that is free; on a GPU it needs their values on the host: ONE synchronisation per call
+# (all scalars stacked into one check). Set this to False to skip that check on GPU tensors
+# (a non-finite scale then gives a NaN loss instead of a ValueError). Python floats are always
+# checked; under torch.compile the check is an asynchronous device assert (no graph break).
+CHECK_DEVICE_SCALARS = True
+
 
 # --------------------------------------------------------------------------------------------
-# The statistics op: one name, a kernel per device, fake kernel, autograd.
+# dtype policy (one place)
+# --------------------------------------------------------------------------------------------
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and gradients accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
+    """The operand dtype a backend's kernel reads. The C++ kernel, the reference and the chunked
+    path on a CPU read float32/float64 (half types are upcast: CPU BLAS has no fast half GEMM);
+    Triton and the chunked path on a GPU read fp16/bf16 natively (fp32 accumulation)."""
+    if dtype in (torch.float16, torch.bfloat16) and (
+            backend in ("cpu", "reference") or (backend == "chunked" and device.type != "cuda")):
+        return torch.float32
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics op: one name, a kernel per backend, fake kernel, autograd.
 # --------------------------------------------------------------------------------------------
 def _n_stats(tq: Optional[Tensor]) -> int:
     return 1 if tq is None else 3
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and gradients accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _plain(*tensors):
@@ -41,8 +73,11 @@ def _plain(*tensors):
     return [None if t is None else t.detach() for t in tensors]
 
 
-def _kernels(backend: str):
-    """(forward, backward) launchers of a concrete backend; both follow docs/design.md."""
+def _kernels(backend: str, chunk_rows: int):
+    """(forward, backward) of a concrete backend; every pair follows docs/design.md's contract:
+    forward(q, k, scale, bias, tq, tk, tscale, with_cols) -> (row_stats, col_stats),
+    backward(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats, col_stats,
+             with_cols) -> (dq_u, dk_u)."""
     if backend == "cpu":
         mod, why = _backend.native()
         if mod is None:
@@ -51,21 +86,30 @@ def _kernels(backend: str):
     if backend == "triton":
         from .triton import contrastive as triton_contrastive
         return triton_contrastive.stats_forward, triton_contrastive.stats_backward
-    raise ValueError(f"backend must be 'cpu' or 'triton' for calrft::contrastive_stats, got {backend!r}")
+    if backend == "chunked":
+        from . import chunked
+        return (functools.partial(chunked.stats_forward, chunk_rows=chunk_rows),
+                functools.partial(chunked.stats_backward, chunk_rows=chunk_rows))
+    if backend == "reference":
+        from . import reference
+        return reference.contrastive_stats_kernel, reference.contrastive_stats_backward_kernel
+    raise ValueError(f"backend must be 'cpu', 'triton', 'chunked' or 'reference' for "
+                     f"calrft::contrastive_stats, got {backend!r}")
 
 
 @torch.library.custom_op("calrft::contrastive_stats", mutates_args=())
 def contrastive_stats(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, tq: Optional[Tensor],
                       tk: Optional[Tensor], tscale: Optional[Tensor], with_cols: bool,
-                      backend: str) -> tuple[Tensor, Tensor]:
-    """Row (and column) statistics of S = scale q k^T + bias; see docs/design.md."""
-    forward, _ = _kernels(backend)
+                      backend: str, chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+    """Row (and column) statistics of S = scale q k^T + bias; see docs/design.md.
+    chunk_rows: rows per chunk of the "chunked" kernel (0: sized from chunked.MAX_BUFFER_BYTES)."""
+    forward, _ = _kernels(backend, chunk_rows)
     return forward(*_plain(q, k, scale, bias, tq, tk, tscale), with_cols)
 
 
 @contrastive_stats.register_fake
-def _(q, k, scale, bias, tq, tk, tscale, with_cols, backend):
-    r, dtype = _n_stats(tq), _stats_dtype(q.dtype)
+def _(q, k, scale, bias, tq, tk, tscale, with_cols, backend, chunk_rows=0):
+    r, dtype = _n_stats(tq), stats_dtype(q.dtype)
     cols = k.shape[0] if with_cols else 0
     return q.new_empty((r, q.shape[0]), dtype=dtype), q.new_empty((r, cols), dtype=dtype)
 
@@ -74,25 +118,25 @@ def _(q, k, scale, bias, tq, tk, tscale, with_cols, backend):
 def contrastive_stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor,
                                scale: Tensor, bias: Tensor, tq: Optional[Tensor],
                                tk: Optional[Tensor], tscale: Optional[Tensor], row_stats: Tensor,
-                               col_stats: Tensor, with_cols: bool,
-                               backend: str) -> tuple[Tensor, Tensor]:
+                               col_stats: Tensor, with_cols: bool, backend: str,
+                               chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
     """(dS k, dS^T q) for the dS that the statistics' gradients imply (unscaled by `scale`)."""
-    _, backward = _kernels(backend)
+    _, backward = _kernels(backend, chunk_rows)
     return backward(*_plain(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats,
                             col_stats), with_cols)
 
 
 @contrastive_stats_backward.register_fake
 def _(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats, col_stats, with_cols,
-      backend):
-    dtype = _stats_dtype(q.dtype)
+      backend, chunk_rows=0):
+    dtype = stats_dtype(q.dtype)
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
 def _stats_setup_context(ctx, inputs, output):
-    q, k, scale, bias, tq, tk, tscale, with_cols, backend = inputs
+    q, k, scale, bias, tq, tk, tscale, with_cols, backend, chunk_rows = inputs
     ctx.save_for_backward(q, k, scale, bias, tq, tk, tscale, *output)
-    ctx.with_cols, ctx.backend = with_cols, backend
+    ctx.with_cols, ctx.backend, ctx.chunk_rows = with_cols, backend, chunk_rows
 
 
 def _stats_backward(ctx, grad_row, grad_col):
@@ -100,7 +144,8 @@ def _stats_backward(ctx, grad_row, grad_col):
     grad_row = torch.zeros_like(row_stats) if grad_row is None else grad_row.contiguous()
     grad_col = torch.zeros_like(col_stats) if grad_col is None else grad_col.contiguous()
     dq_u, dk_u = contrastive_stats_backward(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale,
-                                            row_stats, col_stats, ctx.with_cols, ctx.backend)
+                                            row_stats, col_stats, ctx.with_cols, ctx.backend,
+                                            ctx.chunk_rows)
     # dS_ij = sum of softmax-weighted rows/columns: d scale = sum_ij dS_ij (q_i . k_j) and
     # d bias = sum_ij dS_ij, where every softmax row sums to one.
     # A dot product and in-place scaling keep the peak at dq_u, dk_u: no extra [B, d]
@@ -112,14 +157,14 @@ def _stats_backward(ctx, grad_row, grad_col):
     if tq is not None:  # statistic 2 (teacher-weighted S) also moves with the bias
         dbias = dbias + grad_row[2].sum() + grad_col[2].sum()
     dbias = dbias.to(bias.dtype)
-    return dq, dk, dscale, dbias, None, None, None, None, None
+    return dq, dk, dscale, dbias, None, None, None, None, None, None
 
 
 contrastive_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Validation: one function for every backend.
+# Validation: once, at the Python boundary.
 # --------------------------------------------------------------------------------------------
 def _check_features(name: str, x, like: Optional[Tensor] = None) -> Tensor:
     if not isinstance(x, Tensor):
@@ -139,6 +184,8 @@ def _check_features(name: str, x, like: Optional[Tensor] = None) -> Tensor:
 
 
 def _check_scalar(name: str, value, device, optional: bool = False):
+    """A 0-dim floating tensor on the features' device, or a finite real number. Tensor values
+    are checked for finiteness by _check_tensor_scalars_finite (batched: one sync on a GPU)."""
     if value is None:
         if optional:
             return None
@@ -152,10 +199,32 @@ def _check_scalar(name: str, value, device, optional: bool = False):
             raise ValueError(f"{name} is on {value.device} but the features are on {device}")
         return value.reshape(())
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be finite, got {value}")
-        return float(value)
+        return value
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+
+
+def _check_tensor_scalars_finite(named: dict) -> None:
+    """Raise ValueError naming the first non-finite tensor scalar. CPU: free. GPU: one host
+    synchronisation for all of them (CHECK_DEVICE_SCALARS=False skips it). Under torch.compile:
+    an asynchronous assert in the graph (no graph break, no sync; fails as a RuntimeError)."""
+    tensors = {name: v for name, v in named.items() if isinstance(v, Tensor)}
+    if not tensors:
+        return
+    if torch.compiler.is_compiling():
+        for value in tensors.values():
+            torch._assert_async(torch.isfinite(value.detach()))
+        return
+    if not CHECK_DEVICE_SCALARS and any(v.device.type != "cpu" for v in tensors.values()):
+        return
+    flags = torch.stack([torch.isfinite(v.detach().float()) for v in tensors.values()])
+    if bool(flags.all()):
+        return
+    for (name, value), ok in zip(tensors.items(), flags.tolist()):
+        if not ok:
+            raise ValueError(f"{name} must be finite, got {value.detach().item()}")
 
 
 def _check_labels(labels, batch: int, device) -> Optional[Tensor]:
@@ -172,7 +241,8 @@ def _check_labels(labels, batch: int, device) -> Optional[Tensor]:
     return labels
 
 
-def _check_weight(name: str, value, upper: Optional[float] = None) -> float:
+def check_weight(name: str, value, upper: Optional[float] = None) -> float:
+    """A real number in [0, inf) (or [0, upper)); NaN and infinity are refused, naming `name`."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -182,23 +252,133 @@ def _check_weight(name: str, value, upper: Optional[float] = None) -> float:
     return value
 
 
-def _check_teacher(timg, ttxt, tscale, distill_weight: float, image: Tensor):
-    if distill_weight == 0.0:
-        return None
-    if timg is None or ttxt is None or tscale is None:
-        raise ValueError("distill_weight > 0 needs teacher_image_features, teacher_text_features "
-                         "and teacher_logit_scale")
-    timg = _check_features("teacher_image_features", timg, image)
-    ttxt = _check_features("teacher_text_features", ttxt, image)
-    if timg.shape[1] != ttxt.shape[1]:
-        raise ValueError(f"teacher_image_features and teacher_text_features differ in width: "
-                         f"{timg.shape[1]} vs {ttxt.shape[1]}")
-    tscale = _check_scalar("teacher_logit_scale", tscale, image.device)
-    return timg.detach(), ttxt.detach(), (tscale.detach() if isinstance(tscale, Tensor) else tscale)
+def _check_chunk_rows(value) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"chunk_rows must be a positive int or None, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------------------------
-# The loss, composed from the statistics.
+# Typed inputs and results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Teacher:
+    """The EMA teacher's features [B, dt] and scale; detached (never gets gradients)."""
+    image: Tensor
+    text: Tensor
+    scale: Union[Tensor, float]
+
+
+@dataclass(frozen=True)
+class ContrastiveInputs:
+    """Validated arguments of contrastive_loss (build with `ContrastiveInputs.validate`).
+
+    teacher is None exactly when there is no distillation term (distill_weight == 0); backend
+    is concrete (never "auto"); chunk_rows is 0 for "size from chunked.MAX_BUFFER_BYTES"."""
+    image: Tensor
+    text: Tensor
+    scale: Union[Tensor, float]
+    bias: Union[Tensor, float, None]
+    labels: Optional[Tensor]
+    label_smoothing: float
+    teacher: Optional[Teacher]
+    distill_weight: float
+    process_group: Any
+    backend: str
+    chunk_rows: int = 0
+
+    @classmethod
+    def validate(cls, image_features, text_features, logit_scale, logit_bias=None, *,
+                 labels=None, label_smoothing=0.0, teacher_image_features=None,
+                 teacher_text_features=None, teacher_logit_scale=None, distill_weight=0.0,
+                 process_group=None, backend="auto", chunk_rows=None) -> "ContrastiveInputs":
+        """Check every argument of contrastive_loss (api.md); raise TypeError / ValueError
+        naming the argument. The teacher is used iff distill_weight > 0."""
+        image = _check_features("image_features", image_features)
+        text = _check_features("text_features", text_features, image)
+        if text.shape[1] != image.shape[1]:
+            raise ValueError(f"text_features has width {text.shape[1]} but image_features has "
+                             f"{image.shape[1]}")
+        if text.dtype != image.dtype:
+            raise TypeError(f"text_features has dtype {text.dtype} but image_features has "
+                            f"{image.dtype}")
+        scale = _check_scalar("logit_scale", logit_scale, image.device)
+        bias = _check_scalar("logit_bias", logit_bias, image.device, optional=True)
+        labels = _check_labels(labels, image.shape[0], image.device)
+        label_smoothing = check_weight("label_smoothing", label_smoothing, upper=1.0)
+        distill_weight = check_weight("distill_weight", distill_weight)
+        teacher = None
+        if distill_weight > 0.0:
+            if (teacher_image_features is None or teacher_text_features is None
+                    or teacher_logit_scale is None):
+                raise ValueError("distill_weight > 0 needs teacher_image_features, "
+                                 "teacher_text_features and teacher_logit_scale")
+            timg = _check_features("teacher_image_features", teacher_image_features, image)
+            ttxt = _check_features("teacher_text_features", teacher_text_features, image)
+            if timg.shape[1] != ttxt.shape[1]:
+                raise ValueError(f"teacher_image_features and teacher_text_features differ in "
+                                 f"width: {timg.shape[1]} vs {ttxt.shape[1]}")
+            tscale = _check_scalar("teacher_logit_scale", teacher_logit_scale, image.device)
+            teacher = Teacher(timg.detach(), ttxt.detach(),
+                              tscale.detach() if isinstance(tscale, Tensor) else tscale)
+        _check_tensor_scalars_finite({"logit_scale": scale, "logit_bias": bias,
+                                      "teacher_logit_scale": teacher and teacher.scale})
+        chunk_rows = _check_chunk_rows(chunk_rows)
+        backend = _backend.resolve(backend, image.device, "contrastive_loss",
+                                   cuda_symbol="contrastive_stats_forward_cuda",
+                                   auto_cuda="chunked", chunked=True)
+        if backend == "triton" and image.dtype == torch.float64:
+            raise TypeError("backend='triton' computes in float32 at most; pass float32/16 or "
+                            "bfloat16 features, or use backend='cpu'/'chunked'/'reference' for "
+                            "float64")
+        return cls(image, text, scale, bias, labels, label_smoothing, teacher, distill_weight,
+                   process_group, backend, chunk_rows)
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """What the local rows are compared against: the global image/text rows, where the local
+    rows start (offset), and the global labels and teacher (None when absent)."""
+    image: Tensor
+    text: Tensor
+    offset: int = 0
+    labels: Optional[Tensor] = None
+    teacher: Optional[Teacher] = None
+
+
+@dataclass(frozen=True)
+class ContrastiveTerms:
+    """contrastive: MCL (0.5 (CE_rows + CE_cols)); distillation: SD (soft CE of both
+    directions) or None without a teacher. Both 0-dim, in the statistics dtype."""
+    contrastive: Tensor
+    distillation: Optional[Tensor]
+
+    def total(self, distill_weight: float) -> Tensor:
+        if self.distillation is None:
+            return self.contrastive
+        return self.contrastive + distill_weight * self.distillation
+
+
+def global_batch(inputs: ContrastiveInputs) -> GlobalBatch:
+    """The batch of the api.md convention: single process, the inputs themselves; with a process
+    group, every rank's rows gathered with autograd (labels and teacher without)."""
+    group = inputs.process_group
+    if group is None:
+        return GlobalBatch(inputs.image, inputs.text, 0, inputs.labels, inputs.teacher)
+    rank, _ = world(group)
+    teacher = inputs.teacher
+    if teacher is not None:
+        teacher = Teacher(gather_no_grad(teacher.image, group), gather_no_grad(teacher.text, group),
+                          teacher.scale)
+    labels = None if inputs.labels is None else gather_no_grad(inputs.labels, group)
+    return GlobalBatch(gather_with_grad(inputs.image, group), gather_with_grad(inputs.text, group),
+                       rank * inputs.image.shape[0], labels, teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# The composition: the loss terms from the statistics.
 # --------------------------------------------------------------------------------------------
 def _as_scalar_tensor(value, dtype, device) -> Tensor:
     if isinstance(value, Tensor):
@@ -223,148 +403,54 @@ def _target_logits(q: Tensor, keys: Tensor, offset: int, scale: Tensor, bias: Te
     return scale * (q * yk).sum(1) + bias
 
 
-def _kernel_dtype(x: Tensor, backend: str) -> torch.dtype:
-    """The C++ kernel reads float32/float64; Triton reads half and bfloat16 natively."""
-    if backend == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return x.dtype
-
-
-def _direction_terms(row_stats: Tensor, q: Tensor, keys: Tensor, offset: int, scale: Tensor,
+def _direction_terms(stats: Tensor, q: Tensor, keys: Tensor, offset: int, scale: Tensor,
                      bias: Tensor, labels_all, label_smoothing: float, teacher: bool):
-    """(mean CE, mean soft CE) of one direction from its statistics and linear terms."""
-    lse = row_stats[0]
+    """(mean CE, mean soft CE or None) of one direction from its statistics and linear terms."""
+    lse = stats[0]
     target = _target_logits(q, keys, offset, scale, bias, labels_all, label_smoothing)
     ce = (lse - target).mean()
-    soft_ce = (lse - row_stats[2]).mean() if teacher else None
+    soft_ce = (lse - stats[2]).mean() if teacher else None
     return ce, soft_ce
 
 
-def _contrastive_terms(image: Tensor, text: Tensor, image_all: Tensor, text_all: Tensor,
-                       offset: int, scale, bias, labels_all, label_smoothing: float, teacher,
-                       backend: str) -> dict:
-    """{"contrastive": MCL, "distillation": SD or None} for the local rows image/text (which
-    start at `offset` of image_all/text_all). Single process: image is image_all, offset 0."""
-    kdtype = _kernel_dtype(image, backend)
-    sdtype = _stats_dtype(kdtype)
+def contrastive_terms(inputs: ContrastiveInputs,
+                      batch: Optional[GlobalBatch] = None) -> ContrastiveTerms:
+    """MCL and SD of the local rows (inputs.image / inputs.text) against `batch` (default: the
+    api.md convention, `global_batch(inputs)`): one statistics pass per direction group.
+
+    Single process (batch rows are the local rows): one op call with row and column statistics.
+    Local rows of a larger batch: one call per direction with row statistics only."""
+    batch = global_batch(inputs) if batch is None else batch
+    image, text, backend = inputs.image, inputs.text, inputs.backend
+    kdtype = kernel_dtype(image.dtype, backend, image.device)
+    sdtype = stats_dtype(kdtype)
     device = image.device
-    scale_t = _as_scalar_tensor(scale, sdtype, device)
-    bias_t = _as_scalar_tensor(0.0 if bias is None else bias, sdtype, device)
+    scale = _as_scalar_tensor(inputs.scale, sdtype, device)
+    bias = _as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
     cast = lambda x: x.to(kdtype).contiguous()  # noqa: E731
+    teacher = batch.teacher
+    tscale = None if teacher is None else _as_scalar_tensor(teacher.scale, sdtype, device).detach()
     img, txt = cast(image), cast(text)
-    tq = tk = tscale_t = None
-    if teacher is not None:
-        timg_all, ttxt_all, tscale = teacher
-        tscale_t = _as_scalar_tensor(tscale, sdtype, device).detach()
-    single = image_all is image
-    if single:
-        tq, tk = (None, None) if teacher is None else (cast(timg_all), cast(ttxt_all))
-        row_stats, col_stats = contrastive_stats(img, txt, scale_t, bias_t, tq, tk, tscale_t,
-                                                 True, backend)
+    stats = functools.partial(contrastive_stats, backend=backend, chunk_rows=inputs.chunk_rows)
+    offset = batch.offset
+    if batch.image is image and batch.text is text:
+        tq, tk = (None, None) if teacher is None else (cast(teacher.image), cast(teacher.text))
+        row_stats, col_stats = stats(img, txt, scale, bias, tq, tk, tscale, True)
         img_all, txt_all = img, txt
     else:
-        img_all, txt_all = cast(image_all), cast(text_all)
+        img_all, txt_all = cast(batch.image), cast(batch.text)
+        rows = slice(offset, offset + image.shape[0])
+        tq = tk = tq_t = tk_t = None
         if teacher is not None:
-            n = image.shape[0]
-            tq, tk = cast(timg_all[offset:offset + n]), cast(ttxt_all)
-            tq_t, tk_t = cast(ttxt_all[offset:offset + n]), cast(timg_all)
-        else:
-            tq_t = tk_t = None
-        row_stats, _ = contrastive_stats(img, txt_all, scale_t, bias_t, tq, tk, tscale_t, False,
-                                         backend)
-        col_stats, _ = contrastive_stats(txt, img_all, scale_t, bias_t, tq_t, tk_t, tscale_t,
-                                         False, backend)
-    with_teacher = teacher is not None
-    f32 = lambda x: x.to(sdtype)  # noqa: E731  (linear terms accumulate like the kernels)
-    ce_i, sd_i = _direction_terms(row_stats, f32(img), f32(txt_all), offset, scale_t, bias_t,
-                                  labels_all, label_smoothing, with_teacher)
-    ce_t, sd_t = _direction_terms(col_stats, f32(txt), f32(img_all), offset, scale_t, bias_t,
-                                  labels_all, label_smoothing, with_teacher)
-    return {"contrastive": 0.5 * (ce_i + ce_t),
-            "distillation": (sd_i + sd_t) if with_teacher else None}
-
-
-def _prepare(image_features, text_features, logit_scale, logit_bias, labels, label_smoothing,
-             teacher_image_features, teacher_text_features, teacher_logit_scale, distill_weight,
-             backend):
-    image = _check_features("image_features", image_features)
-    text = _check_features("text_features", text_features, image)
-    if text.shape[1] != image.shape[1]:
-        raise ValueError(f"text_features has width {text.shape[1]} but image_features has "
-                         f"{image.shape[1]}")
-    if text.dtype != image.dtype:
-        raise TypeError(f"text_features has dtype {text.dtype} but image_features has {image.dtype}")
-    scale = _check_scalar("logit_scale", logit_scale, image.device)
-    bias = _check_scalar("logit_bias", logit_bias, image.device, optional=True)
-    labels = _check_labels(labels, image.shape[0], image.device)
-    label_smoothing = _check_weight("label_smoothing", label_smoothing, upper=1.0)
-    distill_weight = _check_weight("distill_weight", distill_weight)
-    teacher = _check_teacher(teacher_image_features, teacher_text_features, teacher_logit_scale,
-                             distill_weight, image)
-    backend = _backend.resolve(backend, image.device, "contrastive_loss",
-                               cuda_symbol="contrastive_stats_forward_cuda")
-    if backend == "triton" and image.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float32 at most; pass float32/16 or bfloat16 "
-                        "features, or use backend='cpu'/'reference' for float64")
-    return image, text, scale, bias, labels, label_smoothing, teacher, distill_weight, backend
-
-
-def contrastive_terms(image_features: Tensor, text_features: Tensor, logit_scale,
-                      logit_bias=None, *, labels: Optional[Tensor] = None,
-                      label_smoothing: float = 0.0,
-                      teacher_image_features: Optional[Tensor] = None,
-                      teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
-                      distill=True, process_group=None, backend: str = "auto") -> dict:
-    """The two terms of contrastive_loss separately: {"contrastive": MCL, "distillation": SD or
-    None}, from one fused pass (CaRotLoss reports them apart). Arguments as contrastive_loss;
-    the teacher is used when its three inputs are given and `distill` is true."""
-    teacher_given = distill and teacher_image_features is not None
-    (image, text, scale, bias, labels, label_smoothing, teacher, _,
-     backend) = _prepare(image_features, text_features, logit_scale, logit_bias, labels,
-                         label_smoothing, teacher_image_features, teacher_text_features,
-                         teacher_logit_scale, 1.0 if teacher_given else 0.0, backend)
-    return _terms_over_group(image, text, scale, bias, labels, label_smoothing, teacher,
-                             process_group, backend)
-
-
-def _terms_over_group(image, text, scale, bias, labels, label_smoothing, teacher, process_group,
-                      backend) -> dict:
-    if process_group is None:
-        image_all, text_all, labels_all, offset = image, text, labels, 0
-    else:
-        rank, _ = world(process_group)
-        image_all = gather_with_grad(image, process_group)
-        text_all = gather_with_grad(text, process_group)
-        labels_all = None if labels is None else gather_no_grad(labels, process_group)
-        if teacher is not None:
-            teacher = (gather_no_grad(teacher[0], process_group),
-                       gather_no_grad(teacher[1], process_group), teacher[2])
-        offset = rank * image.shape[0]
-    if backend == "reference":
-        return _reference_terms(image, text, image_all, text_all, offset, scale, bias,
-                                labels_all, label_smoothing, teacher)
-    return _contrastive_terms(image, text, image_all, text_all, offset, scale, bias, labels_all,
-                              label_smoothing, teacher, backend)
-
-
-def _reference_terms(image, text, image_all, text_all, offset, scale, bias, labels_all,
-                     label_smoothing, teacher) -> dict:
-    """The materialising reference, split into the same two terms."""
-    if image_all is not image:  # local rows: splice the local (grad-carrying) rows in
-        n = image.shape[0]
-        image_all = torch.cat([image_all[:offset], image, image_all[offset + n:]])
-        text_all = torch.cat([text_all[:offset], text, text_all[offset + n:]])
-    rows = slice(offset, offset + image.shape[0])
-    common = dict(labels=labels_all, label_smoothing=label_smoothing, local_rows=rows)
-    mcl = contrastive_loss_reference(image_all, text_all, scale, bias, **common)
-    if teacher is None:
-        return {"contrastive": mcl, "distillation": None}
-    with_sd = contrastive_loss_reference(image_all, text_all, scale, bias,
-                                         teacher_image_features=teacher[0],
-                                         teacher_text_features=teacher[1],
-                                         teacher_logit_scale=teacher[2], distill_weight=1.0,
-                                         **common)
-    return {"contrastive": mcl, "distillation": with_sd - mcl}
+            tq, tk = cast(teacher.image[rows]), cast(teacher.text)
+            tq_t, tk_t = cast(teacher.text[rows]), cast(teacher.image)
+        row_stats, _ = stats(img, txt_all, scale, bias, tq, tk, tscale, False)
+        col_stats, _ = stats(txt, img_all, scale, bias, tq_t, tk_t, tscale, False)
+    up = lambda x: x.to(sdtype)  # noqa: E731  (linear terms accumulate like the kernels)
+    common = (scale, bias, batch.labels, inputs.label_smoothing, teacher is not None)
+    ce_i, sd_i = _direction_terms(row_stats, up(img), up(txt_all), offset, *common)
+    ce_t, sd_t = _direction_terms(col_stats, up(txt), up(img_all), offset, *common)
+    return ContrastiveTerms(0.5 * (ce_i + ce_t), None if teacher is None else sd_i + sd_t)
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
@@ -372,25 +458,31 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale,
                      teacher_image_features: Optional[Tensor] = None,
                      teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
                      distill_weight: float = 0.0, process_group=None,
-                     backend: str = "auto") -> Tensor:
+                     backend: str = "auto", chunk_rows: Optional[int] = None) -> Tensor:
     """CLIP's symmetric contrastive loss (+ CaRot's self-distillation), fused: nothing B x B is
-    allocated (except by backend="reference"). Semantics: ../shared/spec/api.md.
+    allocated (except by backend="reference"). Semantics: docs/api.md.
 
     image_features, text_features: [B, d] (normalised by the caller); logit_scale: the multiplier
     (open_clip's logit_scale.exp()); logit_bias: added to every logit; labels: [B] ints for
     multi-positive targets; label_smoothing: e in [0, 1); teacher_*: EMA-teacher features and
     scale, used when distill_weight > 0 (never get gradients); process_group: each rank passes
-    its local rows and gets the loss of those rows against the global batch; backend: "auto",
-    "cpu", "triton", "cuda" (no CUDA C++ kernel exists for this op: raises) or "reference".
+    its local rows and gets the loss of those rows against the global batch; backend: "auto"
+    ("chunked" on CUDA tensors, "cpu" on CPU tensors), "chunked", "triton", "cpu", "cuda" (no
+    CUDA C++ kernel exists for this op: raises) or "reference"; chunk_rows: rows per chunk of the
+    "chunked" backend (its [chunk_rows, B] fp32 buffer bounds the extra memory; default: sized
+    from calrft_kernels.chunked.MAX_BUFFER_BYTES, see docs/design.md).
     Returns a 0-dim tensor in the features' dtype.
     """
-    (image, text, scale, bias, labels, label_smoothing, teacher, distill_weight,
-     backend) = _prepare(image_features, text_features, logit_scale, logit_bias, labels,
-                         label_smoothing, teacher_image_features, teacher_text_features,
-                         teacher_logit_scale, distill_weight, backend)
-    terms = _terms_over_group(image, text, scale, bias, labels, label_smoothing, teacher,
-                              process_group, backend)
-    loss = terms["contrastive"]
-    if terms["distillation"] is not None:
-        loss = loss + distill_weight * terms["distillation"]
-    return loss.to(image.dtype)
+    inputs = ContrastiveInputs.validate(
+        image_features, text_features, logit_scale, logit_bias, labels=labels,
+        label_smoothing=label_smoothing, teacher_image_features=teacher_image_features,
+        teacher_text_features=teacher_text_features, teacher_logit_scale=teacher_logit_scale,
+        distill_weight=distill_weight, process_group=process_group, backend=backend,
+        chunk_rows=chunk_rows)
+    return contrastive_terms(inputs).total(inputs.distill_weight).to(inputs.image.dtype)
+
+
+def with_rows(inputs: ContrastiveInputs, image: Tensor, text: Tensor) -> ContrastiveInputs:
+    """The same validated options for other (already checked) rows, e.g. ClipLoss's non-local
+    modes, where every rank computes the whole global batch's loss."""
+    return dataclasses.replace(inputs, image=image, text=text)

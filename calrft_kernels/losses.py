@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .contrastive import (_contrastive_terms, _prepare, _reference_terms, _terms_over_group,
-                          contrastive_terms)
+from .contrastive import (ContrastiveInputs, GlobalBatch, check_weight, contrastive_terms,
+                          with_rows)
 from .distributed import gather_no_grad, gather_with_grad, world
 
 
@@ -39,20 +39,25 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
-        prepared = _prepare(image_features, text_features, logit_scale, logit_bias, None, 0.0,
-                            None, None, None, 0.0, self.backend)
-        image, text, scale, bias, _, _, _, _, backend = prepared
-        if self.world_size > 1:
-            terms = self._distributed_terms(image, text, scale, bias, backend)
+        distributed = self.world_size > 1
+        group = dist.group.WORLD if distributed and self.gather_with_grad and self.local_loss \
+            else None
+        inputs = ContrastiveInputs.validate(image_features, text_features, logit_scale,
+                                            logit_bias, process_group=group,
+                                            backend=self.backend)
+        if distributed and group is None:
+            inputs, batch = self._open_clip_gather(inputs)
+            terms = contrastive_terms(inputs, batch)
         else:
-            terms = _terms_over_group(image, text, scale, bias, None, 0.0, None, None, backend)
-        loss = terms["contrastive"].to(image.dtype)
+            terms = contrastive_terms(inputs)
+        loss = terms.contrastive.to(inputs.image.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _distributed_terms(self, image, text, scale, bias, backend) -> dict:
+    def _open_clip_gather(self, inputs: ContrastiveInputs):
+        """open_clip's other three gather modes: (local inputs, the batch they are scored
+        against), with open_clip's gradient paths."""
         group = dist.group.WORLD
-        if self.gather_with_grad and self.local_loss:
-            return _terms_over_group(image, text, scale, bias, None, 0.0, None, group, backend)
+        image, text = inputs.image, inputs.text
         rank, _ = world(group)
         n = image.shape[0]
         if self.gather_with_grad:
@@ -63,13 +68,9 @@ class ClipLoss(nn.Module):
                 image_all = torch.cat([image_all[:rank * n], image, image_all[(rank + 1) * n:]])
                 text_all = torch.cat([text_all[:rank * n], text, text_all[(rank + 1) * n:]])
         if self.local_loss:
-            local_image, local_text, offset = image, text, rank * n
-        else:  # every rank computes the loss of the whole global batch
-            local_image, local_text, offset = image_all, text_all, 0
-        compute = _reference_terms if backend == "reference" else _contrastive_terms
-        extra = () if backend == "reference" else (backend,)
-        return compute(local_image, local_text, image_all, text_all, offset, scale, bias, None,
-                       0.0, None, *extra)
+            return inputs, GlobalBatch(image_all, text_all, rank * n)
+        # every rank computes the loss of the whole global batch
+        return with_rows(inputs, image_all, text_all), GlobalBatch(image_all, text_all, 0)
 
 
 class CaRotLoss(nn.Module):
@@ -89,17 +90,13 @@ class CaRotLoss(nn.Module):
                  label_smoothing: float = 0.0, sigma_min_eps: float = 1e-6,
                  process_group=None, backend: str = "auto"):
         super().__init__()
-        for name, value in (("distill_weight", distill_weight), ("orth_weight", orth_weight),
-                            ("cross_weight", cross_weight),
-                            ("sigma_min_weight", sigma_min_weight)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative float, got {value!r}")
-        self.distill_weight = float(distill_weight)
-        self.orth_weight = float(orth_weight)
-        self.cross_weight = float(cross_weight)
-        self.sigma_min_weight = float(sigma_min_weight)
-        self.label_smoothing = label_smoothing
-        self.sigma_min_eps = sigma_min_eps
+        # NaN / infinite / negative weights are refused here, naming the argument.
+        self.distill_weight = check_weight("distill_weight", distill_weight)
+        self.orth_weight = check_weight("orth_weight", orth_weight)
+        self.cross_weight = check_weight("cross_weight", cross_weight)
+        self.sigma_min_weight = check_weight("sigma_min_weight", sigma_min_weight)
+        self.label_smoothing = check_weight("label_smoothing", label_smoothing, upper=1.0)
+        self.sigma_min_eps = check_weight("sigma_min_eps", sigma_min_eps)
         self.process_group = process_group
         self.backend = backend
 
@@ -115,17 +112,20 @@ class CaRotLoss(nn.Module):
         if visual_proj.shape[1] != text_proj.shape[1]:
             raise ValueError(f"visual_proj and text_proj must map to the same embedding width, "
                              f"got {tuple(visual_proj.shape)} and {tuple(text_proj.shape)}")
+        # The one distillation decision: SD is computed iff its weight is positive and a
+        # teacher is given (CaRot starts distillation after step 0).
         distill = self.distill_weight > 0 and teacher_image_features is not None
-        terms = contrastive_terms(
+        inputs = ContrastiveInputs.validate(
             image_features, text_features, logit_scale, logit_bias, labels=labels,
             label_smoothing=self.label_smoothing,
-            teacher_image_features=teacher_image_features if distill else None,
-            teacher_text_features=teacher_text_features if distill else None,
-            teacher_logit_scale=teacher_logit_scale if distill else None, distill=distill,
+            teacher_image_features=teacher_image_features,
+            teacher_text_features=teacher_text_features, teacher_logit_scale=teacher_logit_scale,
+            distill_weight=self.distill_weight if distill else 0.0,
             process_group=self.process_group, backend=self.backend)
-        zero = terms["contrastive"].new_zeros(())
-        out = {"contrastive": terms["contrastive"],
-               "distillation": terms["distillation"] if distill else zero,
+        terms = contrastive_terms(inputs)
+        zero = terms.contrastive.new_zeros(())
+        out = {"contrastive": terms.contrastive,
+               "distillation": zero if terms.distillation is None else terms.distillation,
                "orthogonality": orthogonality_loss(visual_proj).to(zero.dtype),
                # ||W_v W_t^T||_F: a small [vision_width, text_width] product, not a kernel
                "cross": torch.linalg.matrix_norm(visual_proj @ text_proj.T).to(zero.dtype)}

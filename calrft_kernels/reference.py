@@ -88,3 +88,50 @@ def contrastive_stats_backward_reference(grad_row: Tensor, grad_col: Tensor, q: 
         if with_cols:
             ds = ds + grad_col[2][None, :] * torch.softmax(t, 0)
     return ds @ k, ds.T @ q
+
+
+# ----------------------------------------------------------------------------------------------
+# The "reference" kernel of calrft::contrastive_stats: the two references above behind the
+# kernel contract of docs/design.md (statistics float32, or float64 for float64 inputs).
+# ----------------------------------------------------------------------------------------------
+def _as_stats(x, dtype):
+    return None if x is None else torch.as_tensor(x).to(dtype)
+
+
+def contrastive_stats_kernel(q: Tensor, k: Tensor, scale, bias, tq=None, tk=None, tscale=None,
+                             with_cols: bool = True):
+    """contrastive_stats_reference with the kernel contract's dtypes (materialises M x N)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows, cols = contrastive_stats_reference(
+        *(_as_stats(x, dtype) for x in (q, k, scale, bias, tq, tk, tscale)), with_cols=with_cols)
+    return rows.contiguous(), cols.contiguous()
+
+
+def contrastive_stats_backward_kernel(grad_row, grad_col, q, k, scale, bias, tq=None, tk=None,
+                                      tscale=None, row_stats=None, col_stats=None,
+                                      with_cols: bool = True):
+    """contrastive_stats_backward_reference with the kernel contract's dtypes."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    args = (_as_stats(x, dtype) for x in (grad_row, grad_col, q, k, scale, bias, tq, tk, tscale))
+    dq, dk = contrastive_stats_backward_reference(*args, with_cols=with_cols)
+    return dq.contiguous(), dk.contiguous()
+
+
+def naive_carot_loss(image_features: Tensor, text_features: Tensor, logit_scale,
+                     teacher_image_features: Tensor, teacher_text_features: Tensor,
+                     teacher_logit_scale, distill_weight: float = 1.0) -> Tensor:
+    """The naive CaRot loss the fused op replaces (the CaRot reference code's pattern): open_clip's
+    two logits matrices (image->text and text->image, two products), cross entropy against the
+    diagonal, plus distill_weight x the soft cross entropy against the teacher's softmax targets
+    of both directions. Materialises several B x B matrices; the baseline of the benchmarks."""
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    logits_i = logit_scale * image_features @ text_features.T
+    logits_t = logit_scale * text_features @ image_features.T
+    loss = 0.5 * (torch.nn.functional.cross_entropy(logits_i, labels)
+                  + torch.nn.functional.cross_entropy(logits_t, labels))
+    with torch.no_grad():
+        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+        p_i, p_t = t.softmax(1), t.T.softmax(1)
+    soft = (-(p_i * logits_i.log_softmax(1)).sum(1).mean()
+            - (p_t * logits_t.log_softmax(1)).sum(1).mean())
+    return loss + distill_weight * soft
