@@ -80,3 +80,90 @@ def test_rng_state_round_trip():
 def test_missing_checkpoint_raises():
     with pytest.raises(ValueError, match="path"):
         checkpoint.load("/nonexistent/ckpt.pt")
+
+
+# ---- issue 15: leftovers of a killed save, file modes, bad files, resume checks ----
+
+def test_sigkill_during_a_save_leaves_a_temp_file_that_the_next_save_removes(tmp_path):
+    import subprocess
+    import sys
+    script = (
+        "import os, signal, sys\n"
+        "from calrft import checkpoint\n"
+        "def write(obj, f):\n"
+        "    f.write(b'x' * 4096); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint._write = write\n"
+        "checkpoint.atomic_save({'a': 1}, sys.argv[1])\n")
+    target = tmp_path / "checkpoint.pt"
+    proc = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-500:]
+    left = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".checkpoint.pt.") and not target.exists()
+    (tmp_path / ".other.pt.abcdefgh.tmp").write_bytes(b"another target's")
+    (tmp_path / "user.tmp").write_bytes(b"not ours")
+    checkpoint.atomic_save({"a": torch.ones(1)}, target)
+    assert sorted(os.listdir(tmp_path)) == [".other.pt.abcdefgh.tmp", "checkpoint.pt", "user.tmp"]
+    assert checkpoint.clean_stale_temps(tmp_path) == [".other.pt.abcdefgh.tmp"]  # the start of a run
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_mode_follows_the_umask_like_other_files(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        checkpoint.atomic_save({"a": 1}, tmp_path / "c.pt")
+        checkpoint.atomic_write_text(tmp_path / "r.json", "{}")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {n: os.stat(tmp_path / n).st_mode & 0o777 for n in ("c.pt", "r.json", "plain.txt")}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_check_file_names_the_option_and_the_problem(tmp_path):
+    good = tmp_path / "good.pt"
+    checkpoint.atomic_save({"state_dict": {"w": torch.ones(300)}}, good)
+    checkpoint.check_file(good, "resume")
+    cases = {"empty.pt": (b"", "is empty"), "cut.pt": (good.read_bytes()[:200], "is truncated"),
+             "text.pt": (b"{}", "is not a checkpoint")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"^resume: .*{name}' {message}"):
+            checkpoint.check_file(tmp_path / name, "resume")
+    with pytest.raises(ValueError, match="^pretrained: no such file"):
+        checkpoint.check_file(tmp_path / "missing.pt", "pretrained")
+    with pytest.raises(ValueError, match="^resume: cannot read checkpoint"):
+        checkpoint.load(tmp_path / "cut.pt", what="resume")
+
+
+def test_library_resume_refuses_changed_settings_and_other_methods(tmp_path):
+    part = _trainer(tmp_path / "part", stop_after=2)
+    part.fit()
+    ckpt = str(tmp_path / "part" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"resume: .*\(lr 0\.0001 -> 0\.001\)"):
+        _trainer(tmp_path / "part", resume=ckpt, lr=1e-3)
+    with pytest.raises(ValueError, match="is a --method carot checkpoint; this run is --method flyp"):
+        _trainer(tmp_path / "other", resume=ckpt, method="flyp")
+    # bookkeeping settings may change
+    t = _trainer(tmp_path / "part", resume=ckpt, log_every=3, eval_every=5, stop_after=4)
+    assert t.step == 2
+
+
+def test_log_has_no_repeated_steps_after_a_resume(tmp_path):
+    import json
+    part = _trainer(tmp_path, stop_after=2)
+    part.fit()
+    with open(tmp_path / "log.jsonl", "a") as f:  # records of steps a killed run did past its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    resumed = _trainer(tmp_path, resume=str(tmp_path / "checkpoint.pt"))
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_trainer_refuses_a_folder_holding_a_run(tmp_path):
+    _trainer(tmp_path, steps=1).fit()
+    with pytest.raises(ValueError, match="already holds a run"):
+        _trainer(tmp_path, steps=1)
+    t = _trainer(tmp_path, steps=1, overwrite=True)
+    assert not (tmp_path / "checkpoint.pt").exists() and t.step == 0

@@ -66,3 +66,71 @@ def test_evaluate_schema_and_subset_metrics():
         full = clf(model.encode_image(eval_sets[1].dataset.images, normalize=True))
     expected = torch.nn.functional.cross_entropy(full[:, [2, 3]].double(), eval_sets[1].dataset.labels - 2)
     assert result["ood"]["shifted"]["nll"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- issue 15: ID labelling, unreadable images, rank-deficient sigma_min ----
+
+def test_without_an_id_set_every_set_is_ood():
+    model, tok = tiny_model()
+    _, eval_sets = tiny_data()
+    clf = ev.ZeroShotClassifier(model, tok, CLASSES, ["a photo of a {}."])
+    with_id = ev.evaluate(model, clf, eval_sets, workers=0)
+    only_ood = ev.evaluate(model, clf, eval_sets, workers=0, id_first=False)
+    assert only_ood["id"] is None and only_ood["sigma_min"] is None
+    assert set(only_ood["ood"]) == {"id", "shifted", "avg"}
+    assert only_ood["ood"]["id"] == pytest.approx(with_id["id"])  # same numbers, right label
+    assert only_ood["ood"]["avg"]["acc"] == pytest.approx(
+        (with_id["id"]["acc"] + with_id["ood"]["shifted"]["acc"]) / 2)
+
+
+class _WithUnreadable(torch.utils.data.Dataset):
+    """A TensorEval whose items listed in `bad` cannot be read."""
+
+    def __init__(self, base, bad):
+        self.base, self.bad = base, set(bad)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from calrft.data import Skipped
+        return Skipped(f"img{i}.png", "OSError: truncated") if i in self.bad else self.base[i]
+
+
+def test_unreadable_images_are_counted_and_warned(caplog):
+    from calrft.data import EvalSet
+    model, tok = tiny_model()
+    _, eval_sets = tiny_data()
+    clf = ev.ZeroShotClassifier(model, tok, CLASSES, ["a photo of a {}."])
+    sets = [EvalSet("id", _WithUnreadable(eval_sets[0].dataset, [0, 7])), eval_sets[1]]
+    with caplog.at_level("WARNING", logger="calrft"):
+        result = ev.evaluate(model, clf, sets, workers=0, batch_size=6)
+    assert result["unreadable"] == {"id": 2, "shifted": 0}
+    assert "evaluation set 'id': 2 of 20 images unreadable and skipped (metrics over the other 18)" in caplog.text
+    assert result["_predictions"]["id"][0].shape[0] == 18
+    sets = [EvalSet("id", _WithUnreadable(eval_sets[0].dataset, range(20)))]
+    with pytest.raises(ValueError, match="id_eval: evaluation set 'id' has no readable images \\(20 unreadable\\)"):
+        ev.evaluate(model, clf, sets, workers=0)
+
+
+def test_restrict_refuses_empty_predictions():
+    with pytest.raises(ValueError, match="no readable images"):
+        ev.restrict(torch.empty(0, 0), torch.empty(0, dtype=torch.long), [1])
+
+
+def test_rank_deficient_sigma_min_is_flagged_and_exactly_zero(caplog):
+    model, tok = tiny_model()
+    clf = ev.ZeroShotClassifier(model, tok, CLASSES, ["a photo of a {}."])
+    from calrft.data import EvalSet, TensorEval
+    g = torch.Generator().manual_seed(1)
+    for n, deficient in ((64, True), (150, False)):  # the tiny model's features are 64-d
+        images = torch.randn(n, 3, 32, 32, generator=g)
+        labels = torch.arange(n) % len(CLASSES)
+        with caplog.at_level("WARNING", logger="calrft"):
+            caplog.clear()
+            result = ev.evaluate(model, clf, [EvalSet("id", TensorEval(images, labels))], workers=0)
+        assert result["sigma_min_rank_deficient"] is deficient
+        if deficient:
+            assert result["sigma_min"] == 0.0 and "64 images for 64 feature dimensions" in caplog.text
+        else:
+            assert result["sigma_min"] > 1e-8 and "rank-deficient" not in caplog.text

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data, digits, models, report, wiseft
+from .checkpoint import atomic_write_text
 from . import evaluate as ev
 from . import templates as templates_mod
 from .config import TrainConfig
@@ -101,7 +102,7 @@ def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=
     doc = report.write_all(out, results, config, extra)
     if sweeps:
         doc["wiseft"] = sweeps
-        (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+        atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=str))
     return doc
 
 
@@ -141,7 +142,7 @@ def run(out, seeds=(0,), quick=False, cache=None, wise=True, progress=True, prof
     if len(seeds) > 1:
         agg = aggregate(docs)
         text = f"# calrft demo over seeds {list(seeds)} (mean ± std)\n\n" + aggregate_table(agg) + "\n"
-        (out / "summary.md").write_text(text)
-        (out / "summary.json").write_text(json.dumps({"seeds": list(seeds), "aggregate": agg}, indent=2))
+        atomic_write_text(out / "summary.md", text)
+        atomic_write_text(out / "summary.json", json.dumps({"seeds": list(seeds), "aggregate": agg}, indent=2))
         print("\n" + text)
     return {"runs": docs}

@@ -238,8 +238,7 @@ def pretrain(seed: int = 0, cache=None, progress=True, **overrides) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.update()
+        bar.update(loss=f"{loss.item():.3f}")
     bar.close()
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     checkpoint.atomic_save({"state_dict": state, "config": {**cfg, "seed": seed},
@@ -249,5 +248,5 @@ def pretrain(seed: int = 0, cache=None, progress=True, **overrides) -> Path:
 
 
 def _bar(total, desc, enabled):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    from .progress import Progress
+    return Progress(total, desc, enabled=enabled, every=max(1, total // 20))

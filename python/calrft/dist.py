@@ -79,3 +79,12 @@ def all_reduce_mean(value: float, device="cpu") -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return (t / world_size()).item()
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate every rank's list (picklable items) on every rank, in rank order."""
+    if not is_on():
+        return list(items)
+    parts = [None] * world_size()
+    tdist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]

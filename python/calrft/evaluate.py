@@ -3,6 +3,7 @@ covariance of standardised ID image features over the whole ID set)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -10,6 +11,8 @@ from . import data as data_mod
 from . import dist, metrics
 from .models import unwrap
 from .ops import CovarianceAccumulator
+
+log = logging.getLogger("calrft.evaluate")
 
 
 def autocast(device):
@@ -83,6 +86,11 @@ def predict(model, classifier, loader, device="cpu", accumulator=None):
 
 def restrict(logits, labels, class_indices):
     """Keep the columns of the classes a set covers; labels become positions in that subset."""
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits: expected [N, C] with N = len(labels) = {labels.shape[0]}, got "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits: no predictions (the evaluation set has no readable images)")
     if class_indices is None:
         return logits, labels
     index = torch.tensor(class_indices)
@@ -92,28 +100,53 @@ def restrict(logits, labels, class_indices):
 
 
 def evaluate(model, classifier, eval_sets, device="cpu", batch_size=256, workers=2, n_bins=15,
-             feature_dim=None):
-    """{"id": {...}, "ood": {name: {...}, "avg": {...}}, "sigma_min": float} plus raw predictions
-    under "_predictions" (for plots). The first set is ID; the rest are OOD. Each rank evaluates a
-    shard; predictions and covariance states are gathered so every rank returns the same numbers."""
+             feature_dim=None, id_first=True):
+    """{"id": {...}, "ood": {name: {...}, "avg": {...}}, "sigma_min": float, "unreadable":
+    {name: count}, "sigma_min_rank_deficient": bool} plus raw predictions under "_predictions"
+    (for plots). With id_first the first set is ID and the rest are OOD; without it every set is
+    OOD and "id" and "sigma_min" are None. Unreadable images are skipped, counted and warned
+    about; a set with none readable raises ValueError. sigma_min of fewer ID images than feature
+    dimensions is exactly 0 (the covariance has rank < dim): it is reported as 0.0 and flagged
+    rank-deficient, with a warning, instead of the eigensolver's rounding noise (~1e-15). Each
+    rank evaluates a shard; predictions and covariance states are gathered so every rank returns
+    the same numbers."""
     rank, world = dist.rank(), dist.world_size()
-    out = {"ood": {}, "_predictions": {}, "skipped": []}
+    out = {"id": None, "ood": {}, "_predictions": {}, "skipped": [], "unreadable": {},
+           "sigma_min": None, "sigma_min_rank_deficient": False}
+    first_ood = 1 if id_first else 0
     for k, es in enumerate(eval_sets):
         shard = list(range(rank, len(es.dataset), world))
         loader = data_mod.eval_loader(es.dataset, batch_size, workers, indices=shard)
         acc = None
-        if k == 0:
+        if k == 0 and id_first:
             dim = feature_dim or unwrap(model).visual.output_dim
             acc = CovarianceAccumulator(dim, dtype=torch.float64, device=device)
         logits, labels, skipped = predict(model, classifier, loader, device, acc)
         logits, labels = dist.gather_rows(logits), dist.gather_rows(labels)
-        out["skipped"] += [s.path for s in skipped]
+        skipped = dist.gather_objects([s.path for s in skipped])
+        out["skipped"] += skipped
+        out["unreadable"][es.name] = len(skipped)
+        if skipped and dist.is_main():
+            log.warning("evaluation set %r: %d of %d images unreadable and skipped (metrics over the "
+                        "other %d)", es.name, len(skipped), len(es.dataset), labels.shape[0])
+        if labels.shape[0] == 0:
+            raise ValueError(f"{'id_eval' if k < first_ood else 'ood_eval'}: evaluation set {es.name!r} "
+                             f"has no readable images ({len(skipped)} unreadable)")
         logits, labels = restrict(logits, labels, es.class_indices)
         result = metrics.all_metrics(logits, labels, n_bins)
         out["_predictions"][es.name] = (logits, labels)
-        if k == 0:
+        if k < first_ood:
             out["id"] = result
-            out["sigma_min"] = standardised_sigma_min(dist.merge_accumulators(acc))
+            acc = dist.merge_accumulators(acc)
+            if acc.count <= acc.dim:
+                out["sigma_min"], out["sigma_min_rank_deficient"] = 0.0, True
+                if dist.is_main():
+                    log.warning("sigma_min: the ID set %r has %d images for %d feature dimensions: "
+                                "the covariance is rank-deficient and sigma_min is 0; use an ID set "
+                                "of more than %d images for a meaningful value", es.name, acc.count,
+                                acc.dim, acc.dim)
+            else:
+                out["sigma_min"] = standardised_sigma_min(acc)
         else:
             out["ood"][es.name] = result
     if out["ood"]:

@@ -5,15 +5,27 @@ import json
 from pathlib import Path
 
 from . import metrics
+from .checkpoint import atomic_write_text
 
 METRICS = ("acc", "ece", "nll", "brier")
 
 
 def results_json(methods: dict, config: dict) -> dict:
-    """The published schema: {"config", "methods": {name: {"id", "ood", "sigma_min"}}}."""
+    """The published schema: {"config", "methods": {name: {"id", "ood", "sigma_min",
+    "sigma_min_rank_deficient", "unreadable"}}}. "id" and "sigma_min" are null without an ID set;
+    "unreadable" counts the images of each set that could not be read (skipped)."""
     return {"config": config,
-            "methods": {name: {"id": r["id"], "ood": r.get("ood", {}), "sigma_min": r.get("sigma_min")}
+            "methods": {name: {"id": r.get("id"), "ood": r.get("ood", {}), "sigma_min": r.get("sigma_min"),
+                               "sigma_min_rank_deficient": bool(r.get("sigma_min_rank_deficient")),
+                               "unreadable": r.get("unreadable", {})}
                         for name, r in methods.items()}}
+
+
+def _sigma_cell(r: dict) -> str:
+    sm = r.get("sigma_min")
+    if sm is None:
+        return "-"
+    return "0 (rank-deficient)" if r.get("sigma_min_rank_deficient") else f"{sm:.3e}"
 
 
 def table(methods: dict) -> str:
@@ -22,10 +34,10 @@ def table(methods: dict) -> str:
              "OOD avg NLL | OOD avg Brier | sigma_min |", "|---" * 10 + "|"]
     for name, r in methods.items():
         avg = r.get("ood", {}).get("avg", {})
-        cells = [f"{r['id'][m]:.4f}" for m in METRICS] + [
+        idr = r.get("id") or {}
+        cells = [f"{idr[m]:.4f}" if m in idr else "-" for m in METRICS] + [
             f"{avg[m]:.4f}" if m in avg else "-" for m in METRICS]
-        sm = r.get("sigma_min")
-        cells.append(f"{sm:.3e}" if sm is not None else "-")
+        cells.append(_sigma_cell(r))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -34,8 +46,8 @@ def per_set_table(methods: dict, metric: str) -> str:
     sets = ["id"] + [s for s in next(iter(methods.values())).get("ood", {}) if s != "avg"] + ["avg"]
     lines = [f"| method | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for name, r in methods.items():
-        vals = [r["id"][metric]] + [r["ood"].get(s, {}).get(metric, float("nan")) for s in sets[1:]]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+        vals = [(r.get("id") or {}).get(metric)] + [r["ood"].get(s, {}).get(metric) for s in sets[1:]]
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
@@ -46,6 +58,20 @@ def markdown(methods: dict, config: dict, extra: str = "") -> str:
             parts += [f"## {m} per set", "", per_set_table(methods, m), ""]
     parts += ["ECE: 15 equal-width confidence bins over each whole set. sigma_min: smallest eigenvalue "
               "of the covariance of standardised ID image features over the ID evaluation set.", ""]
+    notes = []
+    for name, r in methods.items():
+        if r.get("id") is None:
+            notes.append(f"- {name}: no ID evaluation set (--id-eval): ID metrics and sigma_min are not "
+                         "computed; every set is OOD.")
+        if r.get("sigma_min_rank_deficient"):
+            notes.append(f"- {name}: sigma_min is 0 because the ID set has no more images than feature "
+                         "dimensions (the covariance is rank-deficient); it says nothing about the model.")
+        bad = {k: v for k, v in r.get("unreadable", {}).items() if v}
+        if bad:
+            notes.append(f"- {name}: unreadable images skipped (metrics exclude them): "
+                         + ", ".join(f"{k} {v}" for k, v in bad.items()) + " (paths in log.jsonl).")
+    if notes:
+        parts += ["## Warnings", ""] + list(dict.fromkeys(notes)) + [""]
     if extra:
         parts += [extra, ""]
     parts += ["## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
@@ -92,7 +118,7 @@ def comparison_plot(methods: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     x = np.arange(len(names))
     for ax, metric in zip(axes, ("acc", "ece")):
-        idv = [methods[n]["id"][metric] for n in names]
+        idv = [(methods[n].get("id") or {}).get(metric, np.nan) for n in names]
         ood = [methods[n].get("ood", {}).get("avg", {}).get(metric, np.nan) for n in names]
         ax.bar(x - 0.2, idv, 0.4, label="ID")
         ax.bar(x + 0.2, ood, 0.4, label="OOD avg")
@@ -110,8 +136,8 @@ def write_all(out, methods: dict, config: dict, extra_markdown: str = "") -> dic
     out.mkdir(parents=True, exist_ok=True)
     publishable = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in methods.items()}
     doc = results_json(publishable, config)
-    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
-    (out / "report.md").write_text(markdown(publishable, config, extra_markdown))
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=str))
+    atomic_write_text(out / "report.md", markdown(publishable, config, extra_markdown))
     for name, r in methods.items():
         if "_predictions" in r:
             reliability_plot(r["_predictions"], f"reliability: {name}", out / f"reliability_{name}.png")

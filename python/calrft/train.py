@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, dist, ema, models, report
+from . import checkpoint, data, dist, ema, models, preflight, report, rundir
 from . import evaluate as ev
 from . import templates as templates_mod
 from .config import TrainConfig
@@ -93,12 +93,17 @@ def build_data(cfg: TrainConfig, train_tf, eval_tf):
 
 
 class JsonLog:
-    """Structured log: one JSON object a line, written by rank 0."""
+    """Structured log: one JSON object a line, written by rank 0. A fresh run starts it empty;
+    a resumed run drops the records past its checkpoint's step (`resume_at`), so no step repeats."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume_at: int | None = None):
         self.path = Path(path) if dist.is_main() else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_at is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                rundir.truncate_log(self.path, resume_at)
 
     def write(self, **record):
         if self.path:
@@ -111,6 +116,11 @@ class Trainer:
                  eval_sets=None, classnames=None):
         self.cfg = cfg.validate()
         self.device = dist.init_from_env(cfg.device)
+        # the out-folder policy (refuses a previous run's folder unless resuming or overwriting)
+        rundir.prepare(cfg.out, "train", resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                       main=dist.is_main())
+        # the first evaluation set is the ID set when the caller passes sets, or --id-eval is given
+        self.id_first = bool(cfg.id_eval) or (model is not None and bool(eval_sets))
         torch.manual_seed(cfg.seed)
         if model is None:
             model, train_tf, eval_tf, tokenizer = models.create(cfg.model, cfg.pretrained, "cpu",
@@ -156,10 +166,11 @@ class Trainer:
                                             cfg.ema_warmup, cfg.ema_every)
         self.step = 0
         self.out = Path(cfg.out)
-        self.log = JsonLog(self.out / "log.jsonl")
+        self.saved = None                  # (step, path) of the last checkpoint written or resumed
         self.seen_bad = set()
         if cfg.resume:
             self.load(cfg.resume)
+        self.log = JsonLog(self.out / "log.jsonl", resume_at=self.step if cfg.resume else None)
 
     def _group_kwargs(self):
         """CaRotLoss takes the process group that makes its contrastive part global."""
@@ -170,21 +181,31 @@ class Trainer:
         if not dist.is_main():
             return
         extra = {"ft_head": self.student.head.detach()} if self.cfg.method == "ft" else {}
-        checkpoint.save(path or self.out / "checkpoint.pt", model=self.clip, teacher=self.teacher,
+        path = path or self.out / "checkpoint.pt"
+        checkpoint.save(path, model=self.clip, teacher=self.teacher,
                         optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
                         config=self.cfg.to_dict(), extra=extra)
+        self.saved = (self.step, str(path))
 
     def load(self, path):
-        state = checkpoint.load(path, self.device)
-        self.clip.load_state_dict(state["state_dict"])
-        if self.teacher is not None and "teacher" in state:
-            self.teacher.load_state_dict(state["teacher"])
+        """Resume from a training checkpoint of the same method, model and trajectory settings
+        (checkpoint.check_resumable; ValueError otherwise)."""
+        state = checkpoint.load(path, self.device, what="resume")
+        checkpoint.check_resumable(state, self.cfg.to_dict(), path)
+        try:
+            self.clip.load_state_dict(state["state_dict"])
+            if self.teacher is not None:
+                self.teacher.load_state_dict(state["teacher"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"resume: {str(path)!r} does not fit model {self.cfg.model} ({first})") from None
         if "ft_head" in state:
             with torch.no_grad():
                 self.student.head.copy_(state["ft_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.saved = (self.step, str(path))
         checkpoint.set_rng_state(state["rng"])
 
     # ---- one step ----
@@ -247,16 +268,30 @@ class Trainer:
         if not self.eval_sets:
             return None
         result = ev.evaluate(self.clip, self.classifier(), self.eval_sets, self.device,
-                             self.cfg.eval_batch_size, self.cfg.workers)
+                             self.cfg.eval_batch_size, self.cfg.workers, id_first=self.id_first)
         self.log.write(step=self.step, eval=ev.public(result))
         return result
 
     # ---- the loop ----
     def fit(self):
+        """Train to the end (or --stop-after); Ctrl-C and write errors (a full disk) propagate
+        with a note naming the last checkpoint, which is complete (writes are atomic)."""
+        try:
+            return self._fit()
+        except (KeyboardInterrupt, OSError) as exc:
+            where = (f"the last checkpoint is step {self.saved[0]}: {self.saved[1]} (continue with "
+                     f"--resume {self.saved[1]})" if self.saved else "no checkpoint was written")
+            if isinstance(exc, KeyboardInterrupt):
+                exc.add_note(f"interrupted at step {self.step} of {self.total_steps}; {where}")
+            else:
+                exc.add_note(where)
+            raise
+
+    def _fit(self):
         cfg = self.cfg
-        from tqdm import tqdm
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True,
-                   disable=not (cfg.progress and dist.is_main()), leave=False)
+        from .progress import Progress
+        bar = Progress(self.total_steps, cfg.method, initial=self.step, every=cfg.log_every,
+                       enabled=cfg.progress and dist.is_main())
         result, stop = None, cfg.stop_after
         eval_every = cfg.eval_every or self.steps_per_epoch
         save_every = cfg.save_every or self.steps_per_epoch
@@ -270,8 +305,7 @@ class Trainer:
                 terms = self.train_step(batch)
                 rate = cfg.batch_size / max(1e-9, time.perf_counter() - t0)
                 lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-                bar.update()
+                bar.update(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate, **terms)
                 if self.step == self.total_steps or (stop is not None and self.step >= stop):
@@ -291,7 +325,10 @@ class Trainer:
 
 
 def run(cfg: TrainConfig, **inject) -> dict | None:
-    """Train, evaluate, and write results.json, the report and plots into cfg.out."""
+    """Train, evaluate, and write results.json, the report and plots into cfg.out. Every
+    argument is checked first (preflight.check) when the data come from the config."""
+    if not inject:
+        preflight.check(cfg, "train")
     trainer = Trainer(cfg, **inject)
     result = trainer.fit()
     if result is not None and dist.is_main():

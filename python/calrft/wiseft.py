@@ -4,10 +4,23 @@ from __future__ import annotations
 import torch
 
 
+def check_compatible(zeroshot: dict, finetuned: dict) -> None:
+    """ValueError unless the two state dicts hold the same keys with the same shapes."""
+    missing = sorted(set(zeroshot) - set(finetuned))
+    extra = sorted(set(finetuned) - set(zeroshot))
+    shapes = sorted(k for k in set(zeroshot) & set(finetuned)
+                    if tuple(zeroshot[k].shape) != tuple(finetuned[k].shape))
+    if missing or extra or shapes:
+        parts = [f"{label} {names[:3]}{' ...' if len(names) > 3 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", extra), ("other shapes for", shapes))
+                 if names]
+        raise ValueError("finetuned: its weights do not fit the zero-shot model (" + "; ".join(parts) +
+                         "): use a checkpoint of the same --model")
+
+
 def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
     """theta(alpha) = (1 - alpha) * theta_zeroshot + alpha * theta_finetuned (floating entries)."""
-    if set(zeroshot) != set(finetuned):
-        raise ValueError("finetuned: state dicts hold different keys")
+    check_compatible(zeroshot, finetuned)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
     mixed = {}

@@ -1,0 +1,102 @@
+"""Pre-flight checks: every argument of a command is checked before any work starts, so a run
+never fails after hours of training on something knowable at the start (a missing file, an
+evaluation set with no readable image, a checkpoint of another method).
+
+Settings are checked by TrainConfig.validate() (types, ranges, the device); this module checks
+what they point at: files, folders, checkpoints. The output folder policy is rundir.prepare(),
+applied after these checks (so a refused command never touches a previous run's files)."""
+from __future__ import annotations
+
+import os
+
+from . import checkpoint
+from .config import TrainConfig
+
+
+def eval_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """[(option, folder)] of the configured evaluation sets (NAME=PATH or PATH)."""
+    specs = ([("id_eval", cfg.id_eval)] if cfg.id_eval else []) + [("ood_eval", s) for s in cfg.ood_eval]
+    return [(opt, spec.rpartition("=")[2] if "=" in spec else spec) for opt, spec in specs]
+
+
+def check_image_folder(path: str, what: str) -> None:
+    """An ImageFolder tree with at least one readable image (decoded until the first success, so
+    a healthy set costs one image)."""
+    from . import data
+    try:
+        _, items = data.scan_image_folder(path)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if not items:
+        raise ValueError(f"{what}: {path!r} holds no image files ({', '.join(data.IMAGE_EXTENSIONS)})")
+    for image_path, _ in items:
+        try:
+            data.load_image(image_path)
+            return
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
+            continue
+    raise ValueError(f"{what}: none of the {len(items)} images in {path!r} is readable")
+
+
+def check_classnames(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"classnames: no such file {path!r}")
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"classnames: cannot read {path!r} ({exc})") from None
+    if not names:
+        raise ValueError(f"classnames: {path!r} holds no class names (one a line)")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[:3]
+        raise ValueError(f"classnames: {path!r} repeats class names {dup}")
+
+
+def check_weights_arg(value: str | None, what: str) -> None:
+    """An open_clip tag is left to models.create (it names the valid tags); a path must be a
+    complete weights file."""
+    if value and (os.sep in value or os.path.exists(value) or value.endswith((".pt", ".pth", ".bin",
+                                                                              ".safetensors"))):
+        checkpoint.check_file(value, what)
+
+
+def check(cfg: TrainConfig, command: str, *, finetuned: str | None = None,
+          zeroshot: str | None = None) -> TrainConfig:
+    """Validate `cfg` for `command` (train | eval | wise-ft) and everything it points at."""
+    cfg.validate()
+    if command == "train":
+        if not (cfg.train_csv or cfg.train_folder or getattr(cfg, "train_data", None)):
+            raise ValueError("train data: give --train-csv or --train-folder")
+    elif command == "eval":
+        if not (cfg.id_eval or cfg.ood_eval):
+            raise ValueError("id_eval: evaluation needs --id-eval and/or --ood-eval")
+    elif command == "wise-ft":
+        if not cfg.id_eval or not cfg.ood_eval:
+            raise ValueError(f"{'ood_eval' if cfg.id_eval else 'id_eval'}: wise-ft compares ID and OOD "
+                             "accuracy along the sweep: it needs --id-eval and --ood-eval")
+    if cfg.train_csv and not os.path.isfile(cfg.train_csv):
+        raise ValueError(f"train_csv: no such file {cfg.train_csv!r}")
+    if cfg.train_folder and not os.path.isdir(cfg.train_folder):
+        raise ValueError(f"train_folder: no such folder {cfg.train_folder!r}")
+    if cfg.classnames:
+        check_classnames(cfg.classnames)
+    if (cfg.id_eval or cfg.ood_eval) and not (cfg.classnames or cfg.train_folder):
+        raise ValueError("classnames: evaluation needs class names (--classnames FILE or --train-folder)")
+    if cfg.method == "ft" and command == "train" and not (cfg.classnames or cfg.train_folder):
+        raise ValueError("classnames: --method ft needs class names for its zero-shot-initialised head")
+    for option, path in eval_paths(cfg):
+        check_image_folder(path, option)
+    check_weights_arg(cfg.pretrained, "pretrained")
+    check_weights_arg(zeroshot, "zeroshot")
+    if finetuned is not None:
+        checkpoint.check_file(finetuned, "finetuned")
+        if not finetuned.endswith(".safetensors"):
+            state = checkpoint.load(finetuned, what="finetuned", mmap=True)
+            if "state_dict" not in state and not all(isinstance(k, str) for k in state):
+                raise ValueError(f"finetuned: {finetuned!r} holds no model weights")
+    if cfg.resume:
+        checkpoint.check_file(cfg.resume, "resume")
+        state = checkpoint.load(cfg.resume, what="resume", mmap=True)
+        checkpoint.check_resumable(state, cfg.to_dict(), cfg.resume)
+    return cfg
