@@ -167,3 +167,23 @@ def test_trainer_refuses_a_folder_holding_a_run(tmp_path):
         _trainer(tmp_path, steps=1)
     t = _trainer(tmp_path, steps=1, overwrite=True)
     assert not (tmp_path / "checkpoint.pt").exists() and t.step == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_full_disk_during_a_save_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.atomic_save({"a": torch.ones(2)}, path)
+    real = tempfile.mkstemp
+
+    def on_full_disk(**kw):  # the temporary file's writes go to /dev/full
+        fd, name = real(**kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", on_full_disk)
+    with pytest.raises(OSError) as exc:
+        checkpoint.atomic_save({"a": torch.zeros(100_000)}, path)
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.equal(checkpoint.load(path)["a"], torch.ones(2))

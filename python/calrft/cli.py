@@ -305,7 +305,7 @@ def main(argv=None) -> int:
             what = f"no space left on device writing {exc.filename} (ENOSPC)"
         else:
             name = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-            what = f"{exc.strerror or exc}" + (f" writing {exc.filename}" if exc.filename else "") + (
+            what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "") + (
                 f" ({name})" if name else "")
         print(f"{prefix} {_one_line(what + ('; ' + notes if notes else ''))}", file=sys.stderr)
         return 1
