@@ -169,28 +169,41 @@ def test_eval_set_without_readable_images_fails_before_training(trees, run_copy,
     assert snapshot(run_copy) == before
 
 
-def test_wise_ft_without_ood_eval_fails_before_the_sweep(trees, finished, tmp_path, capsys):
+def test_wise_ft_without_ood_eval_fails_before_the_sweep(trees, finished, run_copy, capsys, monkeypatch):
+    from calrft import wiseft
+    monkeypatch.setattr(wiseft, "sweep", lambda *a: pytest.fail("swept before the check"))
+    before = snapshot(run_copy)
     line = fails(["wise-ft", "--model", models.TINY, "--zeroshot", str(finished / "checkpoint.pt"),
                   "--finetuned", str(finished / "checkpoint.pt"), "--train-folder", str(trees / "train"),
-                  "--id-eval", str(trees / "val"), "--out", str(tmp_path / "w")], capsys)
+                  "--id-eval", str(trees / "val"), "--out", str(run_copy), "--overwrite"], capsys)
     assert "calrft wise-ft: error: ood_eval:" in line and "--ood-eval" in line
-    assert not (tmp_path / "w").exists()
+    assert snapshot(run_copy) == before
 
 
-def test_demo_threads_must_be_positive(tmp_path, capsys):
-    line = fails(["demo", "--threads", "-1", "--out", str(tmp_path / "d")], capsys)
+def test_demo_checks_its_arguments_and_folder(tmp_path, capsys, monkeypatch):
+    from calrft import demo
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("ran before the check"))
+    (tmp_path / "d" / "carot").mkdir(parents=True)
+    (tmp_path / "d" / "results.json").write_text("{}")
+    (tmp_path / "d" / "carot" / "checkpoint.pt").write_bytes(b"old")
+    before = snapshot(tmp_path / "d")
+    line = fails(["demo", "--threads", "-1", "--out", str(tmp_path / "d"), "--overwrite"], capsys)
     assert line == "calrft demo: error: threads: must be >= 1, got -1"
-    assert "seeds" in fails(["demo", "--seeds", "0,x", "--out", str(tmp_path / "d")], capsys)
-    assert not (tmp_path / "d").exists()
+    assert "seeds" in fails(["demo", "--seeds", "0,x", "--out", str(tmp_path / "d"), "--overwrite"], capsys)
+    line = fails(["demo", "--out", str(tmp_path / "d")], capsys)
+    assert "error: out:" in line and "already holds a run (carot/checkpoint.pt, results.json)" in line
+    assert snapshot(tmp_path / "d") == before
 
 
-def test_missing_classnames_file(trees, tmp_path, capsys):
+def test_missing_classnames_file(trees, run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
     argv = ["train", *TINY_ARGS, "--train-csv", str(trees / "classes.txt"), "--classnames",
-            str(tmp_path / "nope.txt"), "--id-eval", str(trees / "val"), "--out", str(tmp_path / "o")]
+            str(tmp_path / "nope.txt"), "--id-eval", str(trees / "val"), "--out", str(run_copy), "--overwrite"]
     assert "error: classnames: no such file" in fails(argv, capsys)
     (tmp_path / "empty.txt").write_text("\n")
     argv[argv.index("--classnames") + 1] = str(tmp_path / "empty.txt")
-    assert "error: classnames: " in fails(argv, capsys) and not (tmp_path / "o").exists()
+    assert "error: classnames: " in fails(argv, capsys) and "holds no class names" in fails(argv, capsys)
+    assert snapshot(run_copy) == before
 
 
 def test_invalid_out(trees, tmp_path, capsys):
@@ -324,11 +337,12 @@ def other_checkpoints(trees, tmp_path_factory):
     ("ft", "is a --method ft checkpoint; this run is --method carot"),
     ("weights", "is not a calrft training checkpoint (no optimizer, scheduler, step, rng, config)"),
 ])
-def test_resume_checks_method_and_kind(trees, other_checkpoints, tmp_path, capsys, kind, message):
+def test_resume_checks_method_and_kind(trees, other_checkpoints, run_copy, capsys, kind, message):
+    before = snapshot(run_copy)
     path = other_checkpoints[kind]
-    line = fails(_train_argv(trees, tmp_path / "o", "--resume", str(path)), capsys)
+    line = fails(_train_argv(trees, run_copy, "--resume", str(path)), capsys)
     assert line.startswith("calrft train: error: resume: ") and message in line
-    assert not (tmp_path / "o").exists()
+    assert snapshot(run_copy) == before
 
 
 def test_resume_model_mismatch(trees, finished, tmp_path, capsys):

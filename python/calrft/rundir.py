@@ -8,7 +8,6 @@ other files, never a checkpoint that `eval` / `wise-ft` may be reading). Folders
 other files are used as they are."""
 from __future__ import annotations
 
-import errno
 import fnmatch
 import json
 import logging
@@ -127,7 +126,3 @@ def truncate_log(path, step: int) -> int:
     if dropped:
         checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped
-
-
-def is_enospc(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
