@@ -4,8 +4,9 @@ The public API of ../shared/spec/api.md; every op takes CPU or CUDA tensors and 
 by dispatch (backend="auto": Triton on CUDA, the C++ kernels on CPU)."""
 from .contrastive import contrastive_loss
 from .losses import CaRotLoss, ClipLoss
-from .spectral import (CovarianceAccumulator, batch_covariance, covariance_sigma_min,
-                       orthogonality_loss, smallest_eigenvalue, smallest_singular_value)
+from .covariance import CovarianceAccumulator, batch_covariance
+from .eigen import covariance_sigma_min, smallest_eigenvalue, smallest_singular_value
+from .orthogonality import orthogonality_loss
 
 __all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "batch_covariance",
            "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",

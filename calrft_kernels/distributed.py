@@ -46,30 +46,6 @@ def gather_no_grad(x: Tensor, process_group) -> Tensor:
     return torch.cat(parts, 0)
 
 
-# ---- accumulator reductions (spectral ops) below ----
-
-
-def all_reduce_accumulator(acc, process_group=None):
-    """Merge every rank's CovarianceAccumulator in place: afterwards each rank holds the
-    statistics of all rows seen by all ranks (Chan's merge, in rank order, so every rank gets
-    bit-identical results). Chan's update is not a sum, so the states are gathered (count, mean
-    [d], comoment [d, d] per rank: world * d^2 floats) rather than all-reduced."""
-    from .spectral import CovarianceAccumulator
-    if not isinstance(acc, CovarianceAccumulator):
-        raise TypeError(f"acc must be a CovarianceAccumulator, got {type(acc).__name__}")
-    _, size = world(process_group)
-    d = acc.dim
-    # one flat buffer per rank: [count, mean (d), comoment (d*d)], in the accumulator's dtype
-    # (float64 by default: counts are exact up to 2^53)
-    flat = torch.cat([torch.tensor([float(acc.count)], dtype=acc.dtype, device=acc.device),
-                      acc.mean.reshape(-1), acc.comoment.reshape(-1)])
-    parts = [torch.empty_like(flat) for _ in range(size)]
-    dist.all_gather(parts, flat.contiguous(), group=process_group)
-    merged = CovarianceAccumulator(d, dtype=acc.dtype, device=acc.device)
-    for part in parts:
-        other = CovarianceAccumulator(d, dtype=acc.dtype, device=acc.device)
-        other.load_state_dict({"dim": d, "count": int(round(float(part[0]))),
-                               "mean": part[1:1 + d], "comoment": part[1 + d:].view(d, d)})
-        merged.merge(other)
-    acc.load_state_dict(merged.state_dict())
-    return acc
+# The accumulator's all-reduce lives beside it (calrft_kernels/covariance.py); this name stays
+# importable from here.
+from .covariance import all_reduce_accumulator  # noqa: E402,F401

@@ -90,6 +90,14 @@ def contrastive_stats_backward_reference(grad_row: Tensor, grad_col: Tensor, q: 
     return ds @ k, ds.T @ q
 
 
+def covariance_reference(z: Tensor, correction: float = 1):
+    """Two-pass centred covariance of the rows of z [B, d] in z's dtype (run it on float64 input
+    for the ground truth): (Sigma = (z - mean)^T (z - mean) / (B - correction), mean)."""
+    mean = z.mean(0)
+    centred = z - mean
+    return centred.T @ centred / (z.shape[0] - correction), mean
+
+
 # ----------------------------------------------------------------------------------------------
 # The "reference" kernel of calrft::contrastive_stats: the two references above behind the
 # kernel contract of docs/design.md (statistics float32, or float64 for float64 inputs).
@@ -135,3 +143,22 @@ def naive_carot_loss(image_features: Tensor, text_features: Tensor, logit_scale,
     soft = (-(p_i * logits_i.log_softmax(1)).sum(1).mean()
             - (p_t * logits_t.log_softmax(1)).sum(1).mean())
     return loss + distill_weight * soft
+
+
+def contrastive_stats_grads_reference(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor,
+                                      tq=None, tk=None, tscale=None, *, grad_row: Tensor,
+                                      grad_col: Tensor, with_cols: bool = True):
+    """Gradients (d q, d k, d scale, d bias) of L = sum(grad_row * row_stats) +
+    sum(grad_col * col_stats) by autograd through contrastive_stats_reference, the teacher
+    log-sum-exps (statistic 1) excluded, as the kernel contract defines them. Run it in float64.
+    The kernels' (dq_u, dk_u) are d q / scale and d k / scale."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, scale, bias)]
+    rows, cols = contrastive_stats_reference(*leaves, tq, tk, tscale, with_cols=with_cols)
+    g = grad_row.to(rows.dtype).clone()
+    h = grad_col.to(rows.dtype).clone()
+    if tq is not None:
+        g[1] = 0
+        if with_cols:
+            h[1] = 0
+    loss = (g * rows).sum() + ((h * cols).sum() if with_cols else 0.0)
+    return torch.autograd.grad(loss, leaves)

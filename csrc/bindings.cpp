@@ -8,10 +8,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "calrft-kernels native kernels (C++ CPU, and CUDA when built with it)";
   calrft::register_contrastive_cpu(m);
-  calrft::register_spectral_cpu(m);
+  calrft::register_covariance_cpu(m);
+  calrft::register_davidson_cpu(m);
 #ifdef CALRFT_WITH_CUDA
-  calrft::register_covariance_cuda(m);
-  calrft::register_lanczos_cuda(m);
+  calrft::register_davidson_cuda(m);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

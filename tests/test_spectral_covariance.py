@@ -8,13 +8,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from calrft_kernels import _backend
-from calrft_kernels.spectral import CovarianceAccumulator, batch_covariance
+from calrft_kernels.covariance import CovarianceAccumulator, batch_covariance
+from calrft_kernels.reference import covariance_reference
 
 
 def reference_cov(z, correction=1):
-    z64 = z.double()
-    zc = z64 - z64.mean(0)
-    return zc.T @ zc / (z.shape[0] - correction)
+    return covariance_reference(z.double(), correction)[0]
 
 
 def features(b, d, mean_ratio=50.0, dtype=torch.float32):

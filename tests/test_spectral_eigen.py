@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from calrft_kernels import _backend
-from calrft_kernels.spectral import EigenInfo, smallest_eigenvalue
+from calrft_kernels import _backend, testing
+from calrft_kernels.eigen import EigenInfo, smallest_eigenvalue
 
 
 def spectrum(kind, d, kappa):
@@ -118,7 +118,7 @@ def test_fallback_is_reported():
     assert info.fallback and info.method == "eigh"
     check(a, value, vector, tol=1e-10)
     with pytest.warns(RuntimeWarning, match="not converged"):
-        _, _, info = smallest_eigenvalue(a, max_iter=1, method="lanczos", return_info=True)
+        _, _, info = smallest_eigenvalue(a, max_iter=1, method="davidson", return_info=True)
     assert not info.converged and not info.fallback
 
 
@@ -171,7 +171,7 @@ def test_shared_jacobi_solver(n):
     """common/spectral_math.h's Jacobi (what the CUDA kernel runs per iteration) vs eigh."""
     a = matrix("log", n, 1e6) + 0.1 * torch.randn(n, n, dtype=torch.float64)
     a = (a + a.T) / 2
-    w, v = _backend.native()[0].jacobi_eigh_cpu(a)
+    w, v = testing.spectral_hooks().jacobi_eigh_cpu(a)
     ref = torch.linalg.eigvalsh(a)
     assert float((w - ref).abs().max()) < 1e-12 * max(1.0, float(ref.abs().max()))
     assert float((a @ v - v * w).abs().max()) < 1e-11
@@ -189,7 +189,7 @@ def _nan_above_diagonal(a):
 def test_thin_block_kernels(rows, inner, k):
     """cpu/dense_blocks.h (the Davidson loop's products) against float64 torch at awkward sizes:
     every row-tile remainder (rows mod 4) and column chunk remainder (k mod 8)."""
-    native = _backend.native()[0]
+    native = testing.spectral_hooks()
     a = torch.randn(rows, inner, dtype=torch.float64)
     w = torch.randn(inner, k, dtype=torch.float64)
     scale = float(a.abs().sum(1).max() * w.abs().max())
@@ -211,7 +211,7 @@ def test_preconditioner_solves(d, k):
     l = torch.linalg.cholesky(m @ m.T + d * torch.eye(d, dtype=torch.float64)).float()
     r = torch.randn(d, k, dtype=torch.float64)
     ref = torch.cholesky_solve(r, l.double())
-    out = _backend.native()[0].dense_block_cpu("precondition", l, r)
+    out = testing.spectral_hooks().dense_block_cpu("precondition", l, r)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
@@ -225,13 +225,13 @@ def test_preconditioner_cholesky(d, threads):
     g = torch.randn(d, 2 * d + 1, dtype=torch.float64)
     a64 = g @ g.T / d + 1e-2 * torch.eye(d, dtype=torch.float64)
     a = a64.float()
-    l, ok = _backend.native()[0].cholesky_cpu(_nan_above_diagonal(a), threads)
+    l, ok = testing.spectral_hooks().cholesky_cpu(_nan_above_diagonal(a), threads)
     assert ok and torch.equal(l, l.tril())
     l64 = torch.linalg.cholesky(a.double())
     assert float((l.double() @ l.double().T - a.double()).norm() / a.double().norm()) < 5e-7
     kappa = float(torch.linalg.cond(a64))
     assert float((l.double() - l64).abs().max() / l64.abs().max()) < 1e-6 * max(kappa, 10.0)
-    same, _ = _backend.native()[0].cholesky_cpu(a, 1)       # threads split rows, not sums
+    same, _ = testing.spectral_hooks().cholesky_cpu(a, 1)       # threads split rows, not sums
     assert torch.equal(l, same)
 
 
@@ -248,7 +248,7 @@ def test_preconditioner_cholesky_refuses(bad):
     else:
         a[180, 170] = float(bad)
     for threads in (1, 2):
-        _, ok = _backend.native()[0].cholesky_cpu(a, threads)
+        _, ok = testing.spectral_hooks().cholesky_cpu(a, threads)
         assert not ok
 
 
@@ -298,17 +298,17 @@ def test_start_block_columns_in_parallel_agree(dtype):
         assert torch.equal(value, results[0][0]) and torch.equal(vector, results[0][1])
 
 
-def test_factor_fit_check_of_the_cuda_path():
-    """spectral._factor_fits (the CUDA path's check of a reused factor; plain torch, so it runs
-    here): an fp32 factor of A + delta I fits A's bottom eigenpair, one of 2 A or of a matrix
-    that moved by 50 lambda_min does not."""
-    from calrft_kernels.spectral import _factor_fits
+def test_factor_fit_check_of_the_stale_factor_policy():
+    """The stale-factor policy's fit test (common/spectral_math.h, run by both the CPU and the
+    CUDA solver; here through the CPU hook): an fp32 factor of A + delta I fits A's bottom
+    eigenpair, one of 2 A or of a matrix that moved by 50 lambda_min does not."""
+    fits = testing.spectral_hooks().factor_fits_cpu
     a = matrix("log", 200, 1e4)
     w, v = torch.linalg.eigh(a)
     delta = 1e-7 * float(a.diagonal().max())
     eye = torch.eye(200, dtype=torch.float64)
     def factor(m):
         return torch.linalg.cholesky((m + delta * eye).float())
-    assert _factor_fits(factor(a), v[:, 0], float(w[0]), delta)
-    assert not _factor_fits(factor(2 * a), v[:, 0], float(w[0]), delta)
-    assert not _factor_fits(factor(a + 50 * float(w[0]) * eye), v[:, 0], float(w[0]), delta)
+    assert fits(factor(a), v[:, 0], float(w[0]), delta)
+    assert not fits(factor(2 * a), v[:, 0], float(w[0]), delta)
+    assert not fits(factor(a + 50 * float(w[0]) * eye), v[:, 0], float(w[0]), delta)

@@ -4,9 +4,9 @@ import warnings
 import pytest
 import torch
 
-from calrft_kernels import _backend
-from calrft_kernels.spectral import (covariance_sigma_min, orthogonality_loss,
-                                     smallest_singular_value)
+from calrft_kernels import _backend, testing
+from calrft_kernels.eigen import covariance_sigma_min, smallest_singular_value
+from calrft_kernels.orthogonality import orthogonality_loss
 
 
 def _native():
@@ -41,16 +41,16 @@ def test_fp32_accumulation_certified_to_fp64_accuracy(b, d):
     """Default (accumulate="fp64") on fp32 features: Sigma is formed in fp32, and the answer is
     the exact Rayleigh quotient on the features' covariance, certified by the stopping test on
     the exact residual: fp64-level accuracy (the fp32 covariance alone is ~1e-5 off)."""
-    from calrft_kernels import spectral
+    from calrft_kernels import eigen
     z = features(b, d)
-    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    certified = eigen._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
     assert certified is not None                       # this path answered, no fp64 Sigma
     value, _, info = covariance_sigma_min(z, return_vector=True, return_info=True)
     ref = float(ref_lambda_min(z))
-    assert abs(float(certified[0][0]) - ref) <= 1e-6 * ref
+    assert abs(float(certified[0].values[0]) - ref) <= 1e-6 * ref
     assert abs(float(value) - ref) <= 1e-6 * ref and info.error_estimate <= 1e-6
     fp32_only = float(covariance_sigma_min(z, accumulate="fp32"))
-    assert abs(fp32_only - ref) > abs(float(certified[0][0]) - ref)   # the refinement did work
+    assert abs(fp32_only - ref) > abs(float(certified[0].values[0]) - ref)   # the refinement did work
 
 
 @pytest.mark.skipif(_native() is None, reason="native extension not built")
@@ -65,10 +65,11 @@ def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
     sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
     delta = 1e-7 * float(sigma.diagonal().max())
     factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(d))
-    values, vectors, stats = _native().refine_covariance_eig_cpu(
+    out = _native().refine_covariance_eig_cpu(
         z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-10, 100)
+    values, vectors = out["values"], out["vectors"]
     ref = torch.linalg.eigvalsh(sigma)[0]
-    assert float(stats[1]) == 1.0
+    assert out["converged"]
     assert abs(float(values[0]) - float(ref)) <= 1e-8 * float(ref)
     v = vectors[:, 0]
     assert float((sigma @ v - values[0] * v).norm()) <= 1e-3 * float(ref)
@@ -86,7 +87,7 @@ def test_exact_covariance_product_matches_fp64(b, d, k):
     correction = 0.0 if b == 1 else 1.0
     sigma = (z64 - mean).T @ (z64 - mean) / (b - correction)
     w = torch.randn(d, k, dtype=torch.float64)
-    out = _native().covariance_times_cpu(z, mean, w, correction)
+    out = testing.spectral_hooks().covariance_times_cpu(z, mean, w, correction)
     ref = sigma @ w
     scale = float((sigma.abs() @ w.abs()).max())
     assert float((out - ref).abs().max()) <= 1e-12 * max(scale, 1e-300)
@@ -117,7 +118,7 @@ def test_features_solver_row_ranges_in_parallel_agree():
             torch.set_num_threads(threads)
             out = _native().refine_covariance_eig_cpu(
                 z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-10, 100)
-            values.append(float(out[0][0]))
+            values.append(float(out["values"][0]))
     finally:
         torch.set_num_threads(saved)
     ref = float(torch.linalg.eigvalsh(sigma)[0])
@@ -129,14 +130,14 @@ def test_refinement_steps_scale_with_d(monkeypatch):
     """The exact-covariance steps are allowed while they cost less than forming Sigma in fp64
     (d // 64 of them, at least 4): d = 512 at condition number 1e7 needs 5, which a fixed
     limit of 4 refused (and paid for the fp64 covariance)."""
-    from calrft_kernels import spectral
+    from calrft_kernels import eigen
     torch.manual_seed(0)
     z = features(2048, 512, mean=50.0, kappa_sqrt=10 ** 3.5)
     ref = float(ref_lambda_min(z))
-    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
-    assert certified is not None and abs(float(certified[0][0]) - ref) <= 1e-6 * ref
-    monkeypatch.setattr(spectral, "_refine_max_steps", lambda d: 4)
-    assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
+    certified = eigen._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    assert certified is not None and abs(float(certified[0].values[0]) - ref) <= 1e-6 * ref
+    monkeypatch.setattr(eigen, "_refine_max_steps", lambda d: 4)
+    assert eigen._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
 
 
 @pytest.mark.skipif(_native() is None, reason="native extension not built")
@@ -148,9 +149,10 @@ def test_refinement_refuses_a_factor_that_does_not_fit():
     z, mean, sigma, delta, x = _refinement_problem()
     for scale, fits in ((1.0, True), (2.0, False)):
         factor = torch.linalg.cholesky((scale * sigma + delta * torch.eye(sigma.shape[0])).float())
-        values, _, stats = _native().refine_covariance_eig_cpu(
+        out = _native().refine_covariance_eig_cpu(
             z, mean, x, factor, delta, 1.0, float(sigma.diagonal().max()), 1e-8, 100)
-        assert bool(stats[1] > 0) == fits
+        values = out["values"]
+        assert out["converged"] == fits
         if fits:
             ref = float(torch.linalg.eigvalsh(sigma)[0])
             assert abs(float(values[0]) - ref) <= 1e-7 * ref
@@ -160,13 +162,13 @@ def test_fp32_path_at_condition_1e8_and_its_fallback(monkeypatch):
     """Condition number 1e8: the fp32-accumulated Sigma is ~1e-3 off at the bottom, the exact-
     covariance steps still certify 1e-6; when they are not allowed to (0 steps), the answer is
     refused and the fp64 covariance answers instead."""
-    from calrft_kernels import spectral
+    from calrft_kernels import eigen
     z = features(2000, 100, mean=10.0, kappa_sqrt=1e4)
     ref = float(ref_lambda_min(z))
-    certified = spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
-    assert certified is not None and abs(float(certified[0][0]) - ref) <= 1e-6 * ref
-    monkeypatch.setattr(spectral, "_refine_max_steps", lambda d: 0)
-    assert spectral._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
+    certified = eigen._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1)
+    assert certified is not None and abs(float(certified[0].values[0]) - ref) <= 1e-6 * ref
+    monkeypatch.setattr(eigen, "_refine_max_steps", lambda d: 0)
+    assert eigen._cov_eig_fp32_certified(z, None, None, -1.0, 1e-6, None, 1) is None
     value = covariance_sigma_min(z)
     assert abs(float(value) - ref) <= 1e-6 * ref
 
@@ -199,9 +201,9 @@ def test_gradient_vs_eigvalsh_autograd():
 def test_gradient_of_the_certified_fp32_path():
     """fp32 features, d = 65: the default answers through the fp32-covariance + exact-refinement
     path; its vector must give the O(B d) backward of float64 autograd through eigvalsh."""
-    from calrft_kernels import spectral
+    from calrft_kernels import eigen
     z = features(521, 65, mean=3.0).requires_grad_()
-    assert spectral._cov_eig_fp32_certified(z.detach(), None, None, -1.0, 1e-10, None, 1) is not None
+    assert eigen._cov_eig_fp32_certified(z.detach(), None, None, -1.0, 1e-10, None, 1) is not None
     (grad,) = torch.autograd.grad(covariance_sigma_min(z, tol=1e-10), z)
     z_ref = z.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad(torch.linalg.eigvalsh(torch.cov(z_ref.T))[0], z_ref)

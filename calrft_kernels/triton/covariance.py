@@ -95,7 +95,7 @@ def _upper_tile_pair(pair):
 
     j is the row of `pair` in the lower-triangular enumeration: j(j+1)/2 <= pair < (j+1)(j+2)/2.
     The fp32 square root can be off by one for large ids; the two fix-ups make it exact.
-    The same mapping lives in csrc/cuda/covariance_tiles.cuh for the CUDA kernel."""
+    """
     j = ((tl.sqrt(8.0 * pair.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
     j = tl.where(j * (j + 1) // 2 > pair, j - 1, j)
     j = tl.where((j + 1) * (j + 2) // 2 <= pair, j + 1, j)
@@ -201,9 +201,10 @@ def _check_inputs(z, correction):
         raise ValueError(f"z must be 2-D [B, d], got shape {tuple(z.shape)}")
     if z.shape[0] < 1 or z.shape[1] < 1:
         raise ValueError(f"z must have at least one row and one column, got {tuple(z.shape)}")
-    if isinstance(correction, bool) or not isinstance(correction, int):
-        raise TypeError(f"correction must be an int, got {type(correction).__name__}")
-    if correction < 0 or z.shape[0] - correction <= 0:
+    if isinstance(correction, bool) or not isinstance(correction, (int, float)):
+        raise TypeError(f"correction must be a number (int or float), got "
+                        f"{type(correction).__name__}")
+    if not math.isfinite(correction) or correction < 0 or z.shape[0] - correction <= 0:
         raise ValueError(f"correction must satisfy 0 <= correction < B = {z.shape[0]}, "
                          f"got {correction}")
     interpreted = _interpreted()
@@ -226,7 +227,7 @@ def column_mean(z: torch.Tensor, interpreted: bool) -> torch.Tensor:
     return partial.sum(0).div_(n_rows)
 
 
-def covariance_triton(z: torch.Tensor, correction: int = 1, *, row_chunks: int | None = None):
+def covariance_triton(z: torch.Tensor, correction: float = 1, *, row_chunks: int | None = None):
     """(Sigma [d, d], mean [d]) of the rows of z [B, d]; both fp32 (fp64 for fp64 input).
 
     row_chunks forces the number of row chunks (split-K) - for tests of the chunked path;

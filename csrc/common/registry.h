@@ -4,9 +4,9 @@
 
 namespace calrft {
 void register_contrastive_cpu(pybind11::module_& m);   // csrc/cpu/contrastive.cpp
-void register_spectral_cpu(pybind11::module_& m);      // csrc/cpu/spectral.cpp
+void register_covariance_cpu(pybind11::module_& m);    // csrc/cpu/covariance.cpp
+void register_davidson_cpu(pybind11::module_& m);      // csrc/cpu/davidson.cpp
 #ifdef CALRFT_WITH_CUDA
-void register_covariance_cuda(pybind11::module_& m);   // csrc/cuda/covariance.cu
-void register_lanczos_cuda(pybind11::module_& m);      // csrc/cuda/lanczos.cu
+void register_davidson_cuda(pybind11::module_& m);     // csrc/cuda/davidson.cu
 #endif
 }  // namespace calrft

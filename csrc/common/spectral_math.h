@@ -1,6 +1,7 @@
-// Spectral math shared by the CPU (csrc/cpu/spectral.cpp) and CUDA (csrc/cuda/lanczos.cu) code:
-// Chan's covariance merge, the stopping test of the eigen-iteration, and a small symmetric
-// eigensolver (Jacobi, round-robin ordering) for the projected Rayleigh-Ritz problem.
+// Spectral math shared by the CPU (csrc/cpu/covariance.cpp, csrc/cpu/davidson.cpp) and CUDA
+// (csrc/cuda/davidson.cu) code: Chan's covariance merge, the stopping test of the Davidson
+// iteration, the stale-factor policy, and a small symmetric eigensolver (Jacobi, round-robin
+// ordering) for the projected Rayleigh-Ritz problem.
 // Everything is header-only, host+device, no allocation, no library calls, so the CPU tests
 // exercise exactly the code the GPU kernel runs.
 #pragma once
@@ -45,6 +46,26 @@ CALRFT_HD double relative_error_estimate(double rTw, int index, const double* th
     }
   }
   return INFINITY;
+}
+
+// ---- Stale-factor policy (the one place: both Davidson solvers call these) -------------------
+// A factor L reused from a previous matrix only preconditions, so a stale one cannot bias the
+// answer, but the stopping test's bound reads r^T (L L^T)^-1 r: it holds only while
+// T = (L L^T)^-1 acts like (A + delta I)^-1 near the bottom. The test, on the lowest Ritz pair
+// (theta, x): ratio = |L^-1 x|^2 (theta + delta) / |x|^2 is 1 for an exact factor and pair; a
+// factor from a matrix that moved by more than ~lambda_min leaves [0.8, 1.25].
+CALRFT_HD bool factor_fits_ratio(double ratio) { return ratio >= 0.8 && ratio <= 1.25; }
+// In the loop: the first iteration >= kStaleCheckIteration at which a REUSED factor has not yet
+// converged is checked once; if it does not fit, a fresh factor is built and the basis kept.
+constexpr int kStaleCheckIteration = 4;
+CALRFT_HD bool check_factor_now(bool reused, bool can_rebuild, bool checked, long long iteration,
+                                double estimate, double tol) {
+  return reused && can_rebuild && !checked && iteration >= kStaleCheckIteration && estimate > tol;
+}
+// After the loop: a reused factor that was never rebuilt and gave an unconverged answer, or does
+// not fit at the answer, means solving again with a fresh factor, from the answer.
+CALRFT_HD bool resolve_with_fresh_factor(bool reused, bool rebuilt, bool converged, bool fits) {
+  return reused && !rebuilt && (!converged || !fits);
 }
 
 // ---- Small symmetric eigensolver: cyclic Jacobi with round-robin (parallel) ordering ----------

@@ -1,5 +1,5 @@
-// Building blocks of the CUDA block Davidson loop (csrc/cuda/lanczos.cu) in ATen ops (cuBLAS /
-// cuSOLVER underneath). Host code only. The CPU loop (csrc/cpu/spectral.cpp) runs the same steps
+// Building blocks of the CUDA block Davidson loop (csrc/cuda/davidson.cu) in ATen ops (cuBLAS /
+// cuSOLVER underneath). Host code only. The CPU loop (csrc/cpu/davidson.cpp) runs the same steps
 // on the hand-vectorised thin-block kernels of cpu/dense_blocks.h instead: through ATen, MKL took
 // ~1.6 ms per step at d = 512 on this project's AMD hosts against ~0.3 ms for those loops. Both
 // loops share the stopping test and the small-matrix math of common/spectral_math.h.

@@ -1,6 +1,11 @@
-// CUDA path of the smallest-eigenpair solver (Python: calrft_kernels/spectral.py, CPU twin:
-// csrc/cpu/spectral.cpp). Same algorithm: block generalized Davidson preconditioned by an fp32
-// Cholesky factor of A + delta I (cuSOLVER through ATen), exact fp64 Rayleigh-Ritz and residuals.
+// CUDA path of the block Davidson solver (Python: calrft_kernels/eigen.py, CPU twin:
+// csrc/cpu/davidson.cpp). Same algorithm: block generalized Davidson preconditioned by an fp32
+// Cholesky factor of A + delta I (cuSOLVER through ATen), exact fp64 Rayleigh-Ritz and residuals,
+// and the same stale-factor policy (common/spectral_math.h): a reused factor is checked once at
+// the first host read from kStaleCheckIteration on and rebuilt if it does not fit, and a solve
+// whose reused factor did not converge or does not fit at the answer is redone with a fresh one.
+// (Without the in-loop check a stale warm-start factor ran all max_iter iterations before the
+// Python layer redid the solve: 206 ms with "0 iterations" on the H200, issue 12.)
 //
 // GPU specifics:
 //  * The projected eigenproblem (m <= 48) is solved ON THE DEVICE by one thread block running the
@@ -144,38 +149,59 @@ __global__ void ritz_test_kernel(const double* theta, int m, const double* rtw, 
 using davidson_blocks::precondition;
 using davidson_blocks::update_basis;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
-    const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor_in, double delta,
-    int64_t nev, double tol, int64_t max_iter) {
-  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2 && a_in.size(0) == a_in.size(1),
-              "matrix must be a square CUDA tensor");
-  const c10::cuda::CUDAGuard guard(a_in.device());
+struct Solve {
+  at::Tensor values, vectors, factor;
+  double delta = 0, estimate = INFINITY;
+  int64_t iterations = 0;
+  bool converged = false, rebuilt = false, ok = true;
+};
+
+// fp32 factor of A + delta I, delta raised 10x on failure (the info read: one sync each).
+bool shifted_factor(const at::Tensor& a, double max_diag, at::Tensor* factor, double* delta) {
+  double shift = sm::initial_shift(max_diag);
+  at::Tensor a32 = a.to(at::kFloat);
+  for (int attempt = 0; attempt < 8; ++attempt, shift *= 10.0) {
+    at::Tensor shifted = a32.clone();
+    shifted.diagonal().add_(shift);
+    auto [l, info] = at::linalg_cholesky_ex(shifted);
+    if (info.item<int>() == 0) {
+      *factor = l;
+      *delta = shift;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The policy's fit test (sm::factor_fits_ratio) on the device: |L^-1 x|^2 (theta + delta) / |x|^2
+// for x = column 0 of X [d, k] and theta = theta0 (a 1-element device tensor). One host read.
+bool factor_fits(const at::Tensor& factor, const at::Tensor& X, const at::Tensor& theta0,
+                 double delta) {
+  at::Tensor x = X.select(1, 0).reshape({-1, 1});
+  at::Tensor y = at::linalg_solve_triangular(factor, x.to(at::kFloat), /*upper=*/false);
+  at::Tensor ratio = y.to(at::kDouble).pow(2).sum() * (theta0.reshape({}) + delta) /
+                     x.pow(2).sum().clamp_min(1e-300);
+  return sm::factor_fits_ratio(ratio.item<double>());
+}
+
+Solve davidson_cuda(const at::Tensor& a, const at::Tensor& v0, const at::Tensor& factor_in,
+                    double delta, int64_t nev, double tol, int64_t max_iter, double max_diag) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor a = a_in.to(at::kDouble).contiguous();
   const int64_t d = a.size(0);
   auto opts = a.options();
   const int64_t blk = std::min<int64_t>(d, std::max<int64_t>(nev, 8));
   const int64_t keep = std::min<int64_t>(d, 2 * blk);
   const int64_t mmax = std::min<int64_t>({d, int64_t(kMaxM), std::max<int64_t>(6 * blk, keep + blk)});
   TORCH_CHECK(blk + blk <= mmax || mmax == d, "nev too large for the CUDA solver");
-  const double max_diag = a.diagonal().max().item<double>();  // one sync at set-up
   const double floor_abs = std::max(max_diag, 1e-300) * 1e-14 * double(d);
+  Solve out;
+  const bool reused = factor_in.numel() > 0;
   at::Tensor factor;
-  if (factor_in.numel()) {
+  if (reused) {
     factor = factor_in.to(at::kFloat).contiguous();
-  } else {  // fp32 factor of A + delta I, delta raised 10x on failure (info read: one sync each)
-    delta = sm::initial_shift(max_diag);
-    at::Tensor a32 = a.to(at::kFloat);
-    for (int attempt = 0; attempt < 8; ++attempt, delta *= 10.0) {
-      at::Tensor shifted = a32.clone();
-      shifted.diagonal().add_(delta);
-      auto [l, info] = at::linalg_cholesky_ex(shifted);
-      if (info.item<int>() == 0) { factor = l; break; }
-    }
-    if (!factor.defined()) {
-      at::Tensor stats = at::zeros({4}, at::kDouble);
-      return {at::empty({0}, opts), at::empty({d, 0}, opts), at::empty({0, 0}, opts.dtype(at::kFloat)), stats};
-    }
+  } else if (!shifted_factor(a, max_diag, &factor, &delta)) {
+    out.ok = false;
+    return out;
   }
   at::Tensor V = at::zeros({d, mmax}, opts), AV = at::zeros({d, mmax}, opts);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
@@ -189,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
   at::Tensor values = at::zeros({nev}, opts), vectors = at::zeros({d, nev}, opts);
   at::Tensor done = at::zeros({1}, opts.dtype(at::kInt));
   at::Tensor stats = at::zeros({4}, opts);
-  stats.select(0, 2).fill_(delta);
   at::Tensor done_host = at::zeros({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  bool checked = false;
   for (int64_t it = 0; it <= max_iter; ++it) {
     at::Tensor Vm = V.narrow(1, 0, m), AVm = AV.narrow(1, 0, m);
     at::Tensor H = at::mm(Vm.t(), AVm).contiguous();
@@ -214,22 +240,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cuda(
         int(last));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (last) break;
-    if ((it + 1) % kPoll == 0) {  // the only host reads of the loop
+    // The only host reads of the loop: every kPoll iterations, and once for the stale check.
+    const bool stale_point = reused && !checked && !out.rebuilt &&
+                             it >= sm::kStaleCheckIteration;
+    if ((it + 1) % kPoll == 0 || stale_point) {
       done_host.copy_(done, /*non_blocking=*/true);
       AT_CUDA_CHECK(cudaStreamSynchronize(stream));
-      if (done_host.item<int>()) break;
+      const bool converged_now = done_host.item<int>() != 0;
+      if (converged_now) break;
+      if (sm::check_factor_now(reused, true, checked, it, /*estimate=*/INFINITY, tol)) {
+        checked = true;
+        if (!factor_fits(factor, X, theta.narrow(0, 0, 1), delta) &&
+            shifted_factor(a, max_diag, &factor, &delta)) {
+          out.rebuilt = true;  // a fresh factor; the basis is kept
+        }
+      }
     }
     m = update_basis(a, V, AV, m, Ym, W, blk, keep);
   }
-  vectors = vectors / vectors.norm(2, {0}, true);
-  return {values, vectors, factor, stats.cpu()};
+  at::Tensor st = stats.cpu();
+  out.values = values;
+  out.vectors = vectors / vectors.norm(2, {0}, true);
+  out.factor = factor;
+  out.delta = delta;
+  out.iterations = int64_t(st[0].item<double>());
+  out.converged = st[1].item<double>() > 0;
+  out.estimate = st[3].item<double>();
+  return out;
+}
+
+pybind11::dict solve_result(const Solve& r, const char* status) {
+  pybind11::dict out;
+  out["values"] = r.values;
+  out["vectors"] = r.vectors;
+  out["factor"] = r.factor;
+  out["delta"] = r.delta;
+  out["iterations"] = r.iterations;
+  out["converged"] = r.converged;
+  out["estimate"] = r.estimate;
+  out["status"] = status;
+  return out;
+}
+
+// Same signature and result names as smallest_eig_cpu (csrc/cpu/davidson.cpp); the matrix is
+// the whole symmetric fp64 matrix (the Python layer checked it is finite).
+pybind11::dict smallest_eig_cuda(const at::Tensor& a_in, const at::Tensor& v0,
+                                 const at::Tensor& factor_in, double delta, int64_t nev,
+                                 double tol, int64_t max_iter) {
+  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2 && a_in.size(0) == a_in.size(1),
+              "matrix must be a square CUDA tensor");
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  at::Tensor a = a_in.to(at::kDouble).contiguous();
+  const int64_t d = a.size(0);
+  TORCH_CHECK(factor_in.numel() == 0 || (factor_in.dim() == 2 && factor_in.size(0) == d &&
+                                         factor_in.size(1) == d),
+              "factor must be empty or [", d, ", ", d, "]");
+  TORCH_CHECK(v0.numel() == 0 || v0.numel() == d, "v0 must be empty or hold ", d, " entries");
+  TORCH_CHECK(nev >= 1 && nev <= d && max_iter >= 0, "bad nev / max_iter");
+  const double max_diag = a.diagonal().max().item<double>();  // one sync at set-up
+  Solve r = davidson_cuda(a, v0, factor_in, delta, nev, tol, max_iter, max_diag);
+  if (r.ok && sm::resolve_with_fresh_factor(
+                  factor_in.numel() > 0, r.rebuilt, r.converged,
+                  !r.converged || factor_fits(r.factor, r.vectors, r.values.narrow(0, 0, 1),
+                                              r.delta)))
+    r = davidson_cuda(a, r.vectors.select(1, 0).contiguous(), at::Tensor(), 0.0, nev, tol,
+                      max_iter, max_diag);
+  if (!r.ok) {
+    r.values = at::empty({0}, a.options());
+    r.vectors = at::empty({d, 0}, a.options());
+    r.factor = at::empty({0, 0}, a.options().dtype(at::kFloat));
+    return solve_result(r, "no_factor");
+  }
+  return solve_result(r, "ok");
 }
 
 }  // namespace
 
-void register_lanczos_cuda(pybind11::module_& m) {
+void register_davidson_cuda(pybind11::module_& m) {
   m.def("smallest_eig_cuda", &smallest_eig_cuda,
-        "smallest eigenpairs on CUDA: preconditioned block Davidson, device-side Rayleigh-Ritz",
+        "smallest eigenpairs on CUDA: preconditioned block Davidson, device-side Rayleigh-Ritz "
+        "-> dict(values, vectors, factor, delta, iterations, converged, estimate, status)",
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
         pybind11::arg("delta"), pybind11::arg("nev"), pybind11::arg("tol"),
         pybind11::arg("max_iter"));

@@ -1,26 +1,22 @@
-// CPU kernels of the spectral ops (Python wrapper: calrft_kernels/spectral.py):
-//   covariance_cpu        centred covariance, fused: chunks of rows are centred on a shift into
-//                         a transposed buffer and only a block-triangle of the product is formed,
-//                         in place (a SYRK's work: about half a GEMM's); the shift's error is
-//                         removed exactly at the end.
+// CPU kernels of the eigen-solver family (Python: calrft_kernels/eigen.py):
 //   smallest_eig_cpu      smallest eigenpairs of the symmetric matrix of a lower triangle: block
 //                         generalized Davidson, preconditioned by an fp32 Cholesky factor of
 //                         A + delta I, with exact fp64 Rayleigh-Ritz and residuals
-//                         (docs/spectral.md); its thin products are cpu/dense_blocks.h's.
+//                         (docs/spectral.md); its thin products are cpu/dense_blocks.h's; the
+//                         stale-factor policy is common/spectral_math.h's (shared with CUDA).
 //   refine_covariance_eig_cpu  the same loop on the exact covariance of fp32 features, applied
 //                         from the features (covariance_sigma_min's fp64-accurate default).
-//   jacobi_eigh_cpu, dense_block_cpu, covariance_times_cpu, cholesky_cpu   the shared small
-//                         eigensolver, the thin kernels, the exact-covariance product and the
-//                         preconditioner's Cholesky, for tests.
+// Test hooks (submodule _C.testing, calrft_kernels/testing.py): dense_block_cpu,
+// jacobi_eigh_cpu, cholesky_cpu, covariance_times_cpu, factor_fits_cpu.
+// Measurements behind the constants: docs/spectral.md and benchmarks/results/spectral_cpu.md.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -32,242 +28,6 @@
 namespace calrft {
 namespace {
 namespace sm = spectral;
-
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// BLAS GEMM straight from the torch library when it exports it (MKL builds do): the block
-// triangle of a Gram matrix is written in place, block by block, into strided parts of the
-// output, which ATen's mm would copy through a temporary. Weak symbols: the ATen path in
-// gram_block takes over where a build lacks them.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
-extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const double* alpha, const double* a, const int* lda,
-                       const double* b, const int* ldb, const double* beta, double* c,
-                       const int* ldc) __attribute__((weak));
-
-template <typename T>
-auto blas_gemm() {
-  if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
-}
-
-// Columns per block of the Gram product: n blocks do (n + 1) / 2n of a full GEMM's work
-// (d = 512: 8 blocks, 0.56; d = 1024: 16 blocks, 0.53), and 64-wide GEMMs still run near full
-// speed. Measured with MKL's sgemm, B = 4d, ms (full GEMM; blocks of 32 / 48 / 64 / 128):
-// d = 512: 5.7; 3.46 / 3.38 / 3.34 / 3.53. d = 768: 18.5; 12.3 / 11.9 / 11.7 / 12.2.
-// d = 1024: 43.4; 28.3 / 27.1 / 27.5 / 27.5.
-constexpr int64_t kGramBlock = 64;
-// Above this many columns the triangle is split in two halves and the square between them is
-// one GEMM (gram_upper_blocks): fewer, larger GEMMs. Interleaved in one process, covariance_cpu
-// ms, 64-wide block columns throughout / split above 256: B = 4096, d = 1024: 31.1 / 29.9;
-// B = 65536, d = 512: 141.5 / 138.8; B = 2048, d = 512: 4.34 / 4.29 (splits above 64 or 128
-// were slower than above 256 at every size).
-constexpr int64_t kGramSplitAbove = 256;
-
-// The fp32 case of centre_transposed below, for a full tile of `rows` (a multiple of 8) rows and
-// 8 columns: ct[j, t] = z[t, j] - shift[j] through 8 x 8 register transposes, sums[j] +=
-// sum_t (z[t, j] - shift[j]) in fp64, in the same order as the generic loop (the same bits).
-// That loop wrote through a tile buffer with a 32-float copy per row of it: perf at B = 2048,
-// d = 512 gave centring 7.9% of covariance_cpu plus 4.5% in memmove; now 7.8% and none (the
-// loop is bound by its passes over memory).
-void centre_transpose_8x8(const float* z, int64_t d, const float* shift, int64_t rows, float* ct,
-                          int64_t ld, double* sums) {
-  using V = dense::Chunk<float>::vec;
-  using U = dense::Chunk<float>::unaligned;
-  using D = dense::Chunk<double>::vec;
-  using DU = dense::Chunk<double>::unaligned;
-  const V s = *reinterpret_cast<const U*>(shift);
-  D lo = *reinterpret_cast<const DU*>(sums), hi = *reinterpret_cast<const DU*>(sums + 4);
-  for (int64_t t0 = 0; t0 < rows; t0 += 8) {
-    V r[8];
-    for (int q = 0; q < 8; ++q) {
-      r[q] = *reinterpret_cast<const U*>(z + (t0 + q) * d) - s;
-      lo += __builtin_convertvector(__builtin_shufflevector(r[q], r[q], 0, 1, 2, 3), D);
-      hi += __builtin_convertvector(__builtin_shufflevector(r[q], r[q], 4, 5, 6, 7), D);
-    }
-    dense::transpose8x8_registers(r);
-    for (int c = 0; c < 8; ++c) *reinterpret_cast<U*>(ct + c * ld + t0) = r[c];
-  }
-  *reinterpret_cast<DU*>(sums) = lo;
-  *reinterpret_cast<DU*>(sums + 4) = hi;
-}
-
-// ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
-// += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
-// summed index contiguous in both operands, MKL runs the column blocks 1.2-1.3x faster (d =
-// 1024: 28 ms against 35 ms on the row-major chunk), and the centring pass was needed anyway.
-template <typename In, typename T>
-void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* ct, int64_t ld,
-                       double* sums) {
-  constexpr int64_t kTile = 32;
-  const int64_t tiles = (d + kTile - 1) / kTile;
-  // Each thread takes a contiguous range of column tiles (>= 128 columns) and walks the rows
-  // block by block: a column stripe walked down all rows instead touched a new page of z per
-  // tile row (TLB misses: 10 ms at B = 4096, d = 1024, against 3 ms this way).
-  at::parallel_for(0, tiles, /*grain_size=*/4, [&](int64_t b0, int64_t b1) {
-    const int64_t c0 = b0 * kTile, c1 = std::min(d, b1 * kTile);
-    std::vector<double> acc(c1 - c0, 0.0);
-    T tile[kTile][kTile];
-    for (int64_t t0 = 0; t0 < rows; t0 += kTile) {
-      const int64_t nt = std::min(kTile, rows - t0);
-      for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
-        const int64_t nj = std::min(kTile, c1 - j0);
-        double* a = acc.data() + (j0 - c0);
-        if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
-          if (nt == kTile && nj == kTile) {  // 8 x 8 register tiles, no tile buffer
-            for (int64_t jj = 0; jj < kTile; jj += 8)
-              centre_transpose_8x8(z + t0 * d + j0 + jj, d, shift + j0 + jj, kTile,
-                                   ct + (j0 + jj) * ld + t0, ld, a + jj);
-            continue;
-          }
-        }
-        for (int64_t t = 0; t < nt; ++t) {  // a row of the tile: contiguous, vectorised
-          const In* zt = z + (t0 + t) * d + j0;
-          for (int64_t j = 0; j < nj; ++j) {
-            const T v = T(zt[j]) - shift[j0 + j];
-            tile[j][t] = v;
-            a[j] += double(v);
-          }
-        }
-        for (int64_t j = 0; j < nj; ++j) std::copy(tile[j], tile[j] + nt, ct + (j0 + j) * ld + t0);
-      }
-    }
-    for (int64_t j = c0; j < c1; ++j) sums[j] += acc[j - c0];
-  });
-}
-
-// out[r0:r0+nr, c0:c0+nc] (+)= ct[r0:r0+nr] ct[c0:c0+nc]^T: one block of the Gram matrix of
-// the transposed chunk ct [d, ld] (rows columns in use) in the row-major out [d, d].
-// accumulate=false overwrites.
-template <typename T>
-void gram_block(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out, bool accumulate,
-                int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-  if (auto gemm = blas_gemm<T>(); gemm != nullptr) {
-    // Column-major reading: ct is A [rows, d] (ld ld), out is out^T (ld d); the block is
-    // out^T[c0.., r0..] = A[:, c0..]^T A[:, r0..] (this operand order is MKL's fast one).
-    const int m = int(nc), n = int(nr), k = int(rows), lda = int(ld), ldc = int(d);
-    const T one = 1, beta = accumulate ? 1 : 0;
-    gemm("T", "N", &m, &n, &k, &one, ct + c0 * ld, &lda, ct + r0 * ld, &lda, &beta,
-         out + r0 * d + c0, &ldc);
-    return;
-  }
-  const auto dt = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
-  at::Tensor a = at::from_blob(const_cast<T*>(ct), {d, rows}, {ld, 1}, dt);
-  at::Tensor block = at::from_blob(out, {d, d}, dt).narrow(0, r0, nr).narrow(1, c0, nc);
-  at::Tensor g = at::mm(a.narrow(0, r0, nr), a.narrow(0, c0, nc).t());
-  if (accumulate) block.add_(g); else block.copy_(g);
-}
-
-// The UPPER block-triangle of the chunk's Gram matrix on the diagonal block [j0, j0 + n) (a
-// SYRK's work; torch's BLAS exports no ssyrk): up to kGramSplitAbove columns as kGramBlock-wide
-// block columns (rows j0 .. the block's last row), above that split into two halves whose
-// square in between is one GEMM.
-template <typename T>
-void gram_upper_blocks(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out,
-                       bool accumulate, int64_t j0, int64_t n) {
-  if (n > kGramSplitAbove) {
-    const int64_t h = (n / 2 + kGramBlock - 1) / kGramBlock * kGramBlock;
-    gram_upper_blocks(ct, ld, rows, d, out, accumulate, j0, h);
-    gram_block(ct, ld, rows, d, out, accumulate, j0, h, j0 + h, n - h);
-    gram_upper_blocks(ct, ld, rows, d, out, accumulate, j0 + h, n - h);
-    return;
-  }
-  for (int64_t c0 = j0; c0 < j0 + n; c0 += kGramBlock) {
-    const int64_t nc = std::min(kGramBlock, j0 + n - c0);
-    gram_block(ct, ld, rows, d, out, accumulate, j0, c0 + nc - j0, c0, nc);
-  }
-}
-
-// The last pass, from the upper triangle: out[i, j] = (out[j, i] - n e_i e_j) / denom for
-// j <= i (e: the offset of the mean from the centring shift); the strict upper
-// triangle then becomes the mirror (full) or zeros (the solver reads only the lower one). Block
-// by block through a padded tile: read and written by rows, the transposition happens in the
-// tile (a column walk of out has a 2^k-byte stride that maps every access to one cache set: the
-// direct loop took 4.9 ms at d = 1024).
-template <typename T>
-void finish_from_upper(T* out, int64_t d, const double* e, double n, double denom, bool full) {
-  constexpr int64_t kTile = 64, kPad = kTile + 1;
-  const double inv = 1.0 / denom;
-  std::vector<T> tile(kTile * kPad);
-  for (int64_t j0 = 0; j0 < d; j0 += kTile)
-    for (int64_t i0 = j0; i0 < d; i0 += kTile) {  // the upper block out[j0.., i0..]
-      const int64_t nj = std::min(kTile, d - j0), ni = std::min(kTile, d - i0);
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        T* row = out + (j0 + jj) * d + i0;
-        const double ej = n * e[j0 + jj];
-        for (int64_t ii = 0; ii < ni; ++ii) {
-          const double v = (double(row[ii]) - ej * e[i0 + ii]) * inv;
-          tile[jj * kPad + ii] = T(v);
-          if (i0 + ii > j0 + jj) row[ii] = full ? T(v) : T(0);
-        }
-      }
-      for (int64_t ii = 0; ii < ni; ++ii) {
-        T* row = out + (i0 + ii) * d + j0;
-        for (int64_t jj = 0; jj < std::min(nj, i0 + ii - j0 + 1); ++jj)
-          row[jj] = tile[jj * kPad + ii];
-      }
-    }
-}
-
-// fp64_accumulate: centre and multiply in fp64 whatever the input dtype (chunk by chunk: never a
-// B x d fp64 copy). covariance_sigma_min needs it: fp32 accumulation perturbs Sigma by ~1e-7
-// ||Sigma||, i.e. the error of fp32 eigvalsh, on lambda_min of an ill-conditioned Sigma.
-// lower_only: the strict upper triangle is left zero (the solver reads the lower one only).
-//
-// Chunks of rows are centred on a shift into one transposed buffer (the only copy: chunk x d),
-// and the upper block-triangle of each chunk's Gram matrix is added to the output
-// (gram_upper_blocks); the last pass corrects the shift, scales, and moves the result to the
-// lower triangle (finish_from_upper).
-std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, double correction,
-                                                  bool fp64_accumulate, bool lower_only) {
-  TORCH_CHECK(z_arg.dim() == 2 && z_arg.size(1) > 0, "z must be 2-D with at least one column");
-  const at::Tensor z_in = z_arg.contiguous();
-  // chunks of <= 2^22 entries (16 MB of fp32; rows in [256, 8192]: 4096 at d = 1024)
-  constexpr int64_t kChunkEntries = int64_t(1) << 22;
-  const int64_t B = z_in.size(0), d = z_in.size(1);
-  const auto ct = fp64_accumulate ? at::kDouble : compute_dtype(z_in.scalar_type());
-  const int64_t chunk = std::min(std::clamp<int64_t>(kChunkEntries / d, 256, 8192),
-                                 std::max<int64_t>(B, 1));
-  // The rows are centred on a shift s: the mean of the first chunk (of all of z when it fits
-  // one), summed in the compute dtype (z.sum(0, fp64) converts every entry: 190 ms vs 24 ms at
-  // B = 65536, d = 512; and no pass over the rest of z). The centred chunks' column sums, in
-  // fp64, give e = mean - s exactly enough (they are small numbers: s is within ~spread /
-  // sqrt(chunk) of the mean), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T.
-  // (The mean of the first 256 rows alone saved 0.42 ms at B = 4096, d = 1024, but lost 4 bits
-  // where the later rows' mean drifted by 3 spreads: the e e^T term then dominates.)
-  const int64_t first = std::min(chunk, B);
-  at::Tensor shift = z_in.narrow(0, 0, first).sum(0, /*keepdim=*/false, ct)
-                         .div_(double(std::max<int64_t>(first, 1)));
-  at::Tensor residual_sum = at::zeros({d}, z_in.options().dtype(at::kDouble));
-  auto opts = z_in.options().dtype(ct);
-  at::Tensor buf = at::empty({d, chunk}, opts);  // the centred chunk, transposed
-  at::Tensor out = at::empty({d, d}, opts);
-  if (B == 0) out.zero_();
-  double* sums = residual_sum.data_ptr<double>();
-  const auto in_type = z_in.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_type, "covariance_cpu", [&] {
-    using In = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
-      const In* pz = z_in.data_ptr<In>();
-      scalar_t *pb = buf.data_ptr<scalar_t>(), *po = out.data_ptr<scalar_t>();
-      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-        const int64_t rows = std::min(chunk, B - r0);
-        centre_transposed(pz + r0 * d, rows, d, shift.data_ptr<scalar_t>(), pb, chunk, sums);
-        gram_upper_blocks(pb, chunk, rows, d, po, r0 > 0, 0, d);
-      }
-    });
-  });
-  at::Tensor e = residual_sum / double(std::max<int64_t>(B, 1));
-  AT_DISPATCH_FLOATING_TYPES(ct, "covariance_cpu", [&] {
-    finish_from_upper(out.data_ptr<scalar_t>(), d, e.data_ptr<double>(), double(B),
-                      double(B) - correction, !lower_only);
-  });
-  return {out, shift.to(at::kDouble) + e};
-}
 
 // ---- smallest eigenpairs -------------------------------------------------------------------
 
@@ -422,8 +182,8 @@ void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, in
 
 // Does T = (L L^T)^-1 act like (A + delta I)^-1 on the lowest Ritz pair (theta, x = column 0 of
 // X [d, k])? x^T T x (theta + delta) / x^T x is 1 for an exact factor and an exact eigenpair; a
-// factor reused from a matrix that moved by more than ~lambda_min leaves [0.8, 1.25]. (The same
-// test as spectral.py's _factor_fits, which the CUDA path runs on a finished warm solve.)
+// factor reused from a matrix that moved by more than ~lambda_min leaves [0.8, 1.25]: the
+// stale-factor policy of common/spectral_math.h, which the CUDA solver applies the same way.
 bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double theta,
                  double delta, std::vector<float>& scratch) {
   // x^T (L L^T)^-1 x = |L^-1 x|^2: one triangular solve, not two (x padded to a chunk of 8
@@ -437,7 +197,7 @@ bool factor_fits(const float* L, int64_t d, const double* x, int64_t k, double t
     xx += x[r * k] * x[r * k];
   }
   const double ratio = yy * (theta + delta) / std::max(xx, 1e-300);
-  return ratio >= 0.8 && ratio <= 1.25;
+  return sm::factor_fits_ratio(ratio);
 }
 
 // factor_fits on a finished solve's answer (its lowest Ritz pair, with its factor and shift).
@@ -633,7 +393,7 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   extend_basis(problem.apply, basis, w, start_cols, scratch64);
   SmallEigh eigh(mmax);
   std::vector<double> theta(mmax), y(mmax * mmax), x(d * blk), ax(d * blk), r(d * blk);
-  constexpr int64_t kStaleCheck = 4;
+  bool checked = false;
   int64_t nb = 0;
   for (int64_t it = 0;; ++it) {
     const int64_t m = basis.m;
@@ -655,8 +415,10 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
     }
     out.iterations = it;
     out.estimate = worst;
-    if (reused && problem.matrix != nullptr && it == kStaleCheck && worst > tol &&
-        !factor_fits(L, d, x.data(), nb, theta[0], delta, scratch32)) {
+    const bool check = sm::check_factor_now(reused, problem.matrix != nullptr, checked, it, worst,
+                                            tol);
+    checked = checked || check;
+    if (check && !factor_fits(L, d, x.data(), nb, theta[0], delta, scratch32)) {
       // The reused factor no longer acts like (A + delta I)^-1 near the bottom (the matrix moved
       // by more than about its smallest eigenvalue): build a fresh one, keep the basis.
       if (preconditioner_factor(*problem.matrix, max_diag, &factor, &delta, one_thread.saved())) {
@@ -682,10 +444,20 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   return out;
 }
 
-// [iterations, converged, delta, estimate]: how a solve went, as the Python layer reads it.
-at::Tensor solve_stats(const EigOut& r) {
-  return at::tensor({double(r.iterations), r.converged ? 1.0 : 0.0, r.delta, r.estimate},
-                    at::kDouble);
+// A solve as the Python layer reads it (calrft_kernels/eigen.py builds its SolveResult from these
+// names). status: "ok", "nonfinite" (a NaN/inf in the lower triangle: nothing was solved) or
+// "no_factor" (no shifted fp32 factorisation exists: the caller uses the dense solver).
+pybind11::dict solve_result(const EigOut& r, const char* status) {
+  pybind11::dict out;
+  out["values"] = r.values;
+  out["vectors"] = r.vectors;
+  out["factor"] = r.factor;
+  out["delta"] = r.delta;
+  out["iterations"] = r.iterations;
+  out["converged"] = r.converged;
+  out["estimate"] = r.estimate;
+  out["status"] = status;
+  return out;
 }
 
 // Entries of the lower triangle that are NaN or infinite (the solver reads nothing else).
@@ -699,11 +471,10 @@ int64_t nonfinite_lower(const M* a, int64_t d) {
 }
 
 // Smallest eigenpairs of the symmetric matrix whose LOWER triangle is that of `matrix` (the upper
-// triangle is not read, as in torch.linalg.eigh). Returns (values [nb] and vectors [d, nb] fp64:
-// the final Ritz block, nb >= k; factor fp32; stats fp64, solve_stats); `factor` may be an empty
-// tensor (then computed, and returned for reuse). iterations = -1: the lower triangle holds a
-// NaN or infinity (nothing was solved); empty values otherwise: no factor could be built.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
+// triangle is not read, as in torch.linalg.eigh). Returns solve_result: values [nb] and vectors
+// [d, nb] fp64 (the final Ritz block, nb >= k), factor fp32; `factor` may be an empty tensor
+// (then computed, and returned for reuse).
+pybind11::dict smallest_eig_cpu(
     const at::Tensor& a_in, const at::Tensor& v0, const at::Tensor& factor, double delta,
     int64_t nev, double tol, int64_t max_iter) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "matrix must be square");
@@ -712,17 +483,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   const bool single = a_in.scalar_type() == at::kFloat;
   at::Tensor a = single ? a_in.contiguous() : a_in.to(at::kDouble).contiguous();
   const int64_t d = a.size(0);
-  auto nothing = [&](double flag) {
-    return std::make_tuple(at::empty({0}, at::kDouble), at::empty({d, 0}, at::kDouble),
-                           at::empty({0, 0}, at::kFloat),
-                           at::tensor({flag, 0.0, 0.0, double(INFINITY)}, at::kDouble));
+  auto nothing = [&](const char* status) {
+    EigOut none;
+    none.values = at::empty({0}, at::kDouble);
+    none.vectors = at::empty({d, 0}, at::kDouble);
+    none.factor = at::empty({0, 0}, at::kFloat);
+    none.estimate = double(INFINITY);
+    return solve_result(none, status);
   };
   const int64_t bad = single ? nonfinite_lower(a.data_ptr<float>(), d)
                              : nonfinite_lower(a.data_ptr<double>(), d);
-  if (bad > 0) return nothing(-1.0);
+  if (bad > 0) return nothing("nonfinite");
+  // Every shape the solver writes through is checked here (the Python layer validates too).
+  TORCH_CHECK(factor.numel() == 0 || (factor.dim() == 2 && factor.size(0) == d &&
+                                      factor.size(1) == d),
+              "factor must be empty or [", d, ", ", d, "], got ", factor.sizes());
+  TORCH_CHECK(v0.numel() % std::max<int64_t>(d, 1) == 0, "v0 must hold whole columns of ", d,
+              " entries, got ", v0.numel());
+  TORCH_CHECK(nev >= 1 && nev <= d, "nev must be in [1, ", d, "], got ", nev);
+  TORCH_CHECK(max_iter >= 0, "max_iter must be >= 0");
   at::Tensor f = factor.numel() ? factor.to(at::kFloat).contiguous() : at::Tensor();
   // v0: [d] (a warm-start vector) or [d, s] (a warm-start block, e.g. previous Ritz vectors)
-  at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}) : at::Tensor();
+  at::Tensor v = v0.numel() ? v0.to(at::kDouble).reshape({d, -1}).contiguous() : at::Tensor();
   auto symm = [d](const auto* pa) -> ApplyOperator {
     return [=](const double* w, int64_t k, double* out) {
       dense::symm_lower<double>(d, pa, d, w, k, out, k, k);
@@ -731,16 +513,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smallest_eig_cpu(
   const ApplyOperator apply = single ? symm(a.data_ptr<float>()) : symm(a.data_ptr<double>());
   const Problem problem{d, apply, a.diagonal().max().item<double>(), &a};
   EigOut r = davidson(problem, v, f, delta, nev, tol, max_iter);
-  if (f.defined() && r.values.defined() && !r.refactored) {
-    // A reused factor only preconditions, but the stopping test reads its norm: if it does not
-    // fit this matrix at the answer (or the solve did not converge), solve again with a fresh
-    // factor, starting from the answer.
-    if (!r.converged || !factor_fits_answer(r))
-      r = davidson(problem, r.vectors.narrow(1, 0, 1).contiguous(), at::Tensor(), 0.0, nev, tol,
-                   max_iter);
-  }
-  if (!r.values.defined()) return nothing(0.0);  // no factor: the caller uses the dense solver
-  return {r.values, r.vectors, r.factor, solve_stats(r)};
+  if (r.values.defined() &&
+      sm::resolve_with_fresh_factor(f.defined(), r.refactored, r.converged,
+                                    !r.converged || factor_fits_answer(r)))
+    r = davidson(problem, r.vectors.narrow(1, 0, 1).contiguous(), at::Tensor(), 0.0, nev, tol,
+                 max_iter);
+  if (!r.values.defined()) return nothing("no_factor");
+  return solve_result(r, "ok");
 }
 
 // The thin-block kernels of cpu/dense_blocks.h, for tests: op "nn" -> a @ w, "tn" -> a^T @ w,
@@ -944,13 +723,17 @@ void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, 
 // degenerate bottom eigenvectors, which that block spans.
 // Same outputs as smallest_eig_cpu; the factor is never rebuilt (no matrix to build it from):
 // if it does not fit the exact covariance at the answer, the answer is reported unconverged.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
+pybind11::dict refine_covariance_eig_cpu(
     const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& x, const at::Tensor& factor,
     double delta, double correction, double max_diag, double tol, int64_t max_iter) {
   TORCH_CHECK(z_in.dim() == 2 && z_in.scalar_type() == at::kFloat, "z must be 2-D fp32");
   const at::Tensor z = z_in.contiguous(), mean = mean_in.to(at::kDouble).contiguous();
   const int64_t B = z.size(0), d = z.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == d && factor.size(0) == d, "shape mismatch");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == d && x.size(1) >= 1, "x must be [", d, ", k]");
+  TORCH_CHECK(factor.dim() == 2 && factor.size(0) == d && factor.size(1) == d,
+              "factor must be [", d, ", ", d, "]");
+  TORCH_CHECK(mean.dim() == 1 && mean.numel() == d, "mean must be [", d, "]");
+  TORCH_CHECK(max_iter >= 0, "max_iter must be >= 0");
   const float* pz = z.data_ptr<float>();
   const double* pm = mean.data_ptr<double>();
   const int threads = at::get_num_threads();  // (the solver below runs on one ATen thread)
@@ -962,7 +745,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_covariance_eig_cpu(
   // The factor is Sigma_32's: the stopping test's bound holds only while it acts like
   // (Sigma + delta I)^-1 on the answer (measured: within 4% up to condition number 1e7).
   if (r.converged) r.converged = factor_fits_answer(r);
-  return {r.values, r.vectors, solve_stats(r)};
+  return solve_result(r, "ok");
+}
+
+// The stale-factor policy's fit test for tests: does the fp32 factor L fit (theta, x)?
+bool factor_fits_cpu(const at::Tensor& l_in, const at::Tensor& x_in, double theta, double delta) {
+  const at::Tensor l = l_in.to(at::kFloat).contiguous();
+  const at::Tensor x = x_in.to(at::kDouble).reshape({-1, 1}).contiguous();
+  TORCH_CHECK(l.dim() == 2 && l.size(0) == l.size(1) && l.size(0) == x.size(0),
+              "factor must be [d, d] and x [d]");
+  std::vector<float> scratch;
+  return factor_fits(l.data_ptr<float>(), l.size(0), x.data_ptr<double>(), 1, theta, delta,
+                     scratch);
 }
 
 // The preconditioner's Cholesky for tests: (L with zeros above, ok) on `threads` threads.
@@ -988,41 +782,28 @@ at::Tensor covariance_times_cpu(const at::Tensor& z_in, const at::Tensor& mean_i
   return out;
 }
 
-// Elementwise Chan merge of two comoment matrices (fp64): used by CovarianceAccumulator.merge.
-at::Tensor chan_merge_cpu(const at::Tensor& ma, const at::Tensor& mb, const at::Tensor& dm,
-                          double na, double nb) {
-  at::Tensor a = ma.to(at::kDouble).contiguous(), b = mb.to(at::kDouble).contiguous();
-  at::Tensor diff = dm.to(at::kDouble).contiguous();
-  const int64_t d = diff.numel();
-  at::Tensor out = at::empty_like(a);
-  const double *pa = a.data_ptr<double>(), *pb = b.data_ptr<double>(), *pd = diff.data_ptr<double>();
-  double* po = out.data_ptr<double>();
-  at::parallel_for(0, d, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      for (int64_t j = 0; j < d; ++j)
-        po[i * d + j] = sm::chan_comoment(na, nb, pa[i * d + j], pb[i * d + j], pd[i], pd[j]);
-  });
-  return out;
-}
-
 }  // namespace
 
-void register_spectral_cpu(pybind11::module_& m) {
-  m.def("covariance_cpu", &covariance_cpu, "centred covariance (cov, mean fp64)",
-        pybind11::arg("z"), pybind11::arg("correction"), pybind11::arg("fp64_accumulate") = false, pybind11::arg("lower_only") = false);
+void register_davidson_cpu(pybind11::module_& m) {
   m.def("smallest_eig_cpu", &smallest_eig_cpu,
-        "smallest eigenpairs: preconditioned block Davidson (values, vectors, factor, stats)",
+        "smallest eigenpairs: preconditioned block Davidson -> dict(values, vectors, factor, "
+        "delta, iterations, converged, estimate, status)",
         pybind11::arg("matrix"), pybind11::arg("v0"), pybind11::arg("factor"),
         pybind11::arg("delta"), pybind11::arg("nev"), pybind11::arg("tol"),
         pybind11::arg("max_iter"));
-  m.def("dense_block_cpu", &dense_block_cpu, "thin-block kernels of the Davidson loop (tests)");
-  m.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver (tests)");
   m.def("refine_covariance_eig_cpu", &refine_covariance_eig_cpu,
-        "exact Rayleigh quotient + error bound of a covariance eigenpair, from the features");
-  m.def("cholesky_cpu", &cholesky_cpu, "the preconditioner's blocked fp32 Cholesky (tests)");
-  m.def("covariance_times_cpu", &covariance_times_cpu,
-        "Sigma w from fp32 features and their mean, never forming Sigma (tests)");
-  m.def("chan_merge_cpu", &chan_merge_cpu, "Chan comoment merge (fp64)");
+        "the Davidson loop on the exact covariance of fp32 features, from a start block",
+        pybind11::arg("z"), pybind11::arg("mean"), pybind11::arg("x"), pybind11::arg("factor"),
+        pybind11::arg("delta"), pybind11::arg("correction"), pybind11::arg("max_diag"),
+        pybind11::arg("tol"), pybind11::arg("max_iter"));
+  auto t = m.def_submodule("testing", "test-only native hooks (calrft_kernels/testing.py)");
+  t.def("dense_block_cpu", &dense_block_cpu, "thin-block kernels of the Davidson loop");
+  t.def("jacobi_eigh_cpu", &jacobi_eigh_cpu, "shared small Jacobi eigensolver");
+  t.def("cholesky_cpu", &cholesky_cpu, "the preconditioner's blocked fp32 Cholesky");
+  t.def("covariance_times_cpu", &covariance_times_cpu,
+        "Sigma w from fp32 features and their mean, never forming Sigma");
+  t.def("factor_fits_cpu", &factor_fits_cpu,
+        "the stale-factor policy's fit test (common/spectral_math.h) on (factor, x, theta, delta)");
 }
 
 }  // namespace calrft
