@@ -406,3 +406,21 @@ def test_progress_lines_when_not_a_terminal(trees, tmp_path, capsys):
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("carot step")]
     assert [line.split()[2] for line in lines] == ["2/3", "3/3"]
+
+
+def test_overwrite_never_removes_the_checkpoint_the_run_starts_from(trees, run_copy, capsys):
+    before = snapshot(run_copy)
+    line = fails(_train_argv(trees, run_copy, "--overwrite", "--pretrained", str(run_copy / "checkpoint.pt")),
+                 capsys)
+    assert line == (f"calrft train: error: overwrite: --overwrite would remove '{run_copy / 'checkpoint.pt'}', "
+                    "which --pretrained reads; copy it elsewhere or choose another --out")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_never_writes_over_another_run(trees, finished, run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    line = fails(_train_argv(trees, run_copy, "--resume", str(other / "checkpoint.pt")), capsys)
+    assert "error: out:" in line and "holds another run" in line and "its checkpoint's folder" in line
+    assert snapshot(run_copy) == before

@@ -154,7 +154,7 @@ def cmd_eval(args):
     cfg = config_from(args, "eval")
     _check_name(args.name)
     preflight.check(cfg, "eval")
-    rundir.prepare(cfg.out, "eval", overwrite=cfg.overwrite)
+    rundir.prepare(cfg.out, "eval", overwrite=cfg.overwrite, inputs={"pretrained": cfg.pretrained})
     model, _, eval_sets, _, classifier = _eval_setup(cfg)
     result = ev.evaluate(model, classifier, eval_sets, cfg.device or "cpu", cfg.eval_batch_size, cfg.workers,
                          id_first=bool(cfg.id_eval))
@@ -182,7 +182,8 @@ def cmd_wise_ft(args):
     cfg.pretrained = args.zeroshot
     alphas = _alphas(args.alphas)
     preflight.check(cfg, "wise-ft", finetuned=args.finetuned, zeroshot=args.zeroshot)
-    rundir.prepare(cfg.out, "wise-ft", overwrite=cfg.overwrite)
+    rundir.prepare(cfg.out, "wise-ft", overwrite=cfg.overwrite,
+                   inputs={"zeroshot": args.zeroshot, "finetuned": args.finetuned})
     finetuned = checkpoint.load_weights(args.finetuned, "finetuned")
     model, tokenizer, eval_sets, classnames, _ = _eval_setup(cfg)
     zeroshot = wiseft.state_of(model)

@@ -72,12 +72,14 @@ def probe_write(out: Path) -> None:
     os.unlink(name)
 
 
-def prepare(out, command: str, *, resume: bool = False, overwrite: bool = False,
+def prepare(out, command: str, *, resume=None, overwrite: bool = False, inputs: dict | None = None,
             main: bool = True) -> None:
     """Make `out` ready for `command`, or raise ValueError: it must be (or become) a writable
-    folder; if it holds a run's outputs, `resume` keeps them (train continues the run) and
-    `overwrite` removes what `command` writes. Stale temporary files of an interrupted write are
-    removed. Only the main process (`main`) changes anything."""
+    folder. If it holds a run's outputs, `resume` (the checkpoint being resumed) keeps them when it
+    lies in `out` (a run continues in its own folder, never over another run), and `overwrite`
+    removes what `command` writes, unless one of those files is among the command's `inputs`
+    ({option: path}, e.g. the --pretrained checkpoint). Stale temporary files of an interrupted
+    write are removed. Only the main process (`main`) changes anything."""
     if command not in WRITES:
         raise ValueError(f"command: unknown {command!r}")
     if resume and overwrite:
@@ -85,20 +87,30 @@ def prepare(out, command: str, *, resume: bool = False, overwrite: bool = False,
     out = Path(out)
     subfolders = DEMO_SUBFOLDERS if command == "demo" else ()
     existing = run_outputs(out, RUN_FILES, subfolders)
+    names = ", ".join(str(p.relative_to(out)) for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
     if existing and not (resume or overwrite):
-        names = ", ".join(str(p.relative_to(out)) for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
         hint = "--resume CHECKPOINT to continue it, " if command == "train" else ""
         raise ValueError(f"out: {str(out)!r} already holds a run ({names}); pass {hint}--overwrite to "
                          "replace it, or choose another --out")
+    if existing and isinstance(resume, (str, os.PathLike)) and \
+            os.path.realpath(Path(resume).parent) != os.path.realpath(out):
+        raise ValueError(f"out: {str(out)!r} holds another run ({names}); a resumed run continues in "
+                         f"its checkpoint's folder ({str(Path(resume).parent)!r}) or in a folder without a run")
+    doomed = run_outputs(out, WRITES[command], subfolders) if overwrite else []
+    read = {os.path.realpath(p): option for option, p in (inputs or {}).items()
+            if isinstance(p, (str, os.PathLike)) and p and os.path.exists(p)}
+    for path in doomed:
+        if os.path.realpath(path) in read:
+            raise ValueError(f"overwrite: --overwrite would remove {str(path)!r}, which "
+                             f"--{read[os.path.realpath(path)].replace('_', '-')} reads; copy it "
+                             "elsewhere or choose another --out")
     if not main:
         return
     _check_writable(out)
-    if overwrite:
-        doomed = run_outputs(out, WRITES[command], subfolders)
+    if doomed:
         for path in doomed:
             path.unlink()
-        if doomed:
-            log.info("--overwrite: removed %d files of the previous run in %s", len(doomed), out)
+        log.info("--overwrite: removed %d files of the previous run in %s", len(doomed), out)
     stale = checkpoint.clean_stale_temps(out)
     for sub in (p for p in out.iterdir() if p.is_dir() and _matches(p.name, subfolders)):
         stale += checkpoint.clean_stale_temps(sub)

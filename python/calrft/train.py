@@ -117,8 +117,8 @@ class Trainer:
         self.cfg = cfg.validate()
         self.device = dist.init_from_env(cfg.device)
         # the out-folder policy (refuses a previous run's folder unless resuming or overwriting)
-        rundir.prepare(cfg.out, "train", resume=bool(cfg.resume), overwrite=cfg.overwrite,
-                       main=dist.is_main())
+        rundir.prepare(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite,
+                       inputs={"pretrained": cfg.pretrained}, main=dist.is_main())
         # the first evaluation set is the ID set when the caller passes sets, or --id-eval is given
         self.id_first = bool(cfg.id_eval) or (model is not None and bool(eval_sets))
         torch.manual_seed(cfg.seed)
