@@ -291,7 +291,7 @@ def stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, sca
         del x, t
         if ds.dtype == acc:
             torch.mm(ds, k, out=dq[c0:c1])
-            dk.addmm_(ds.T, q[c0:c1])
+            torch.addmm(dk, ds.T, q[c0:c1], out=dk)  # in place (aten.addmm: counted)
         else:
             dq[c0:c1] = mm_acc(ds, k)
             dk += mm_acc(ds.T, q[c0:c1])

@@ -166,7 +166,7 @@ def _merge_columns_locked(stats_ptr, lock_ptr, cols, col_ok, N, cm0, cl0, cm1, c
 @triton.jit
 def _stats_fwd_kernel(q_ptr, k_ptr, tq_ptr, tk_ptr, scale_ptr, bias_ptr, tscale_ptr,
                       row_ptr, col_packed_ptr, col_stats_ptr, col_lock_ptr,
-                      M, N, D, DT,
+                      M, N, D, DT, M_BUCKET, N_BUCKET,
                       HAS_TEACHER: tl.constexpr, WITH_COLS: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -230,7 +230,7 @@ def _stats_fwd_kernel(q_ptr, k_ptr, tq_ptr, tk_ptr, scale_ptr, bias_ptr, tscale_
 @triton.jit
 def _stats_bwd_kernel(q_ptr, k_ptr, tq_ptr, tk_ptr, scale_ptr, bias_ptr, tscale_ptr,
                       grad_row_ptr, grad_col_ptr, row_ptr, col_ptr, dq_ptr, dk_ptr,
-                      M, N, D, DT,
+                      M, N, D, DT, M_BUCKET, N_BUCKET,
                       HAS_TEACHER: tl.constexpr, WITH_COLS: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -285,7 +285,11 @@ def _stats_bwd_kernel(q_ptr, k_ptr, tq_ptr, tk_ptr, scale_ptr, bias_ptr, tscale_
                           mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
-_autotune_key = ["M", "N", "D", "DT", "HAS_TEACHER", "WITH_COLS", "INPUT_PRECISION"]
+# The key buckets the batch sizes (next power of two of M and N, passed as the otherwise unused
+# M_BUCKET / N_BUCKET arguments): a new batch size in a tuned bucket reuses the tuned
+# configuration instead of benchmarking every configuration again (first call <= 1 s).
+_autotune_key = ["M_BUCKET", "N_BUCKET", "D", "DT", "HAS_TEACHER", "WITH_COLS",
+                 "INPUT_PRECISION"]
 # Autotuning runs the kernel several times: restore the merged column state / zero the
 # accumulated gradients between trials.
 _stats_fwd = triton.autotune(configs=FORWARD_CONFIGS, key=_autotune_key,
@@ -299,43 +303,47 @@ KERNELS = {"forward": _stats_fwd_kernel, "backward": _stats_bwd_kernel}
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _check_pair(name_a, a, name_b, b):
+# User input is validated once, by calrft_kernels.contrastive.ContrastiveInputs.validate. The
+# launchers below only assert the kernels' own preconditions (what the kernels index and write
+# through: 2-D operands of a supported dtype and matching widths, int32 offsets, statistics of
+# the right shape), because a Triton kernel that writes through a wrong shape corrupts device
+# memory and the launchers are also called directly (benchmarks, tests).
+def _require(ok: bool, exc, message: str) -> None:
+    if not ok:
+        raise exc(message)
+
+
+def _assert_pair(name_a, a, name_b, b):
     for name, x in ((name_a, a), (name_b, b)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype == torch.float64:
-            raise TypeError(f"{name}: the Triton contrastive kernels do not support float64 "
-                            f"(use the cpu or reference backend)")
-        if x.dtype not in _SUPPORTED:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{name_a} and {name_b} must be on one device")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{name_a} and {name_b} need the same feature size, got "
-                         f"{a.shape[1]} and {b.shape[1]}")
-    if max(a.numel(), b.numel()) >= 2 ** 31:
-        raise ValueError(f"{name_a}/{name_b} too large for the kernels' int32 offsets")
+        _require(isinstance(x, torch.Tensor) and x.dim() == 2, ValueError,
+                 f"{name} must be a 2-D tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        _require(x.dtype != torch.float64, TypeError,
+                 f"{name}: the Triton contrastive kernels do not support float64")
+        _require(x.dtype in _SUPPORTED, TypeError,
+                 f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    _require(a.dtype == b.dtype, TypeError,
+             f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")
+    _require(a.device == b.device, ValueError, f"{name_a} and {name_b} must be on one device")
+    _require(a.shape[1] == b.shape[1], ValueError, f"{name_a} and {name_b} need the same feature "
+             f"size, got {a.shape[1]} and {b.shape[1]}")
+    _require(max(a.numel(), b.numel()) < 2 ** 31, ValueError,
+             f"{name_a}/{name_b} too large for the kernels' int32 offsets")
 
 
 def _prepare(q, k, scale, bias, tq, tk, tscale):
-    """Validate; return contiguous operands (bf16 upcast under the interpreter), 0-dim fp32
-    scalars on the device, and whether there is a teacher."""
-    _check_pair("q", q, "k", k)
-    if q.shape[0] == 0 or k.shape[0] == 0:
-        raise ValueError("q and k need at least one row each")
+    """Assert the preconditions; return contiguous operands (bf16 upcast under the interpreter),
+    0-dim fp32 scalars on the device, and whether there is a teacher."""
+    _assert_pair("q", q, "k", k)
+    _require(q.shape[0] > 0 and k.shape[0] > 0, ValueError, "q and k need at least one row each")
     has_teacher = tq is not None or tk is not None
     if has_teacher:
-        if tq is None or tk is None or tscale is None:
-            raise ValueError("tq, tk and tscale must be given together")
-        _check_pair("tq", tq, "tk", tk)
-        if tq.shape[0] != q.shape[0] or tk.shape[0] != k.shape[0]:
-            raise ValueError(f"teacher rows must match: tq {tuple(tq.shape)} vs q "
-                             f"{tuple(q.shape)}, tk {tuple(tk.shape)} vs k {tuple(k.shape)}")
-        if tq.device != q.device:
-            raise ValueError("tq, tk must be on the device of q, k")
+        _require(tq is not None and tk is not None and tscale is not None, ValueError,
+                 "tq, tk and tscale must be given together")
+        _assert_pair("tq", tq, "tk", tk)
+        _require(tq.shape[0] == q.shape[0] and tk.shape[0] == k.shape[0] and
+                 tq.device == q.device, ValueError, f"teacher rows must match: tq "
+                 f"{tuple(tq.shape)} vs q {tuple(q.shape)}, tk {tuple(tk.shape)} vs k "
+                 f"{tuple(k.shape)}, on q's device")
 
     def operand(x):
         if x is None:
@@ -347,15 +355,19 @@ def _prepare(q, k, scale, bias, tq, tk, tscale):
     def scalar(name, x):
         if x is None:
             return None
-        x = torch.as_tensor(x, dtype=torch.float32, device=q.device) if not isinstance(
-            x, torch.Tensor) else x.detach()
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(x.shape)}")
+        x = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        _require(x.numel() == 1, ValueError,
+                 f"{name} must be a 0-dim tensor, got shape {tuple(x.shape)}")
         return x.to(device=q.device, dtype=torch.float32).reshape(())
 
     sc, bi = scalar("scale", scale), scalar("bias", bias)
     return (operand(q), operand(k), sc, bi, operand(tq), operand(tk),
             scalar("tscale", tscale) if has_teacher else sc, has_teacher)
+
+
+def _bucket(x: int) -> int:
+    """Autotuning bucket of a batch size: its next power of two."""
+    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _input_precision(dtype) -> str:
@@ -397,7 +409,8 @@ def stats_forward(q, k, scale, bias, tq: Optional[torch.Tensor] = None,
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     _launch(_stats_fwd, grid,
             (q, k, tq if has_teacher else q, tk if has_teacher else k, scale, bias, tscale,
-             row_stats, packed, locked, locks, m, n, d, tq.shape[1] if has_teacher else 0),
+             row_stats, packed, locked, locks, m, n, d, tq.shape[1] if has_teacher else 0,
+             _bucket(m), _bucket(n)),
             config, HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
             INPUT_PRECISION=_input_precision(q.dtype))
     if not with_cols:
@@ -412,8 +425,8 @@ def stats_forward(q, k, scale, bias, tq: Optional[torch.Tensor] = None,
 
 
 def _stats_operand(name, x, shape, dev):
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {getattr(x, 'shape', None)}")
+    _require(isinstance(x, torch.Tensor) and tuple(x.shape) == shape, ValueError,
+             f"{name} must have shape {shape}, got {getattr(x, 'shape', None)}")
     return x.to(device=dev, dtype=torch.float32).contiguous()
 
 
@@ -440,7 +453,7 @@ def stats_backward(grad_row, grad_col, q, k, scale, bias, tq=None, tk=None, tsca
     _launch(_stats_bwd, grid,
             (q, k, tq if has_teacher else q, tk if has_teacher else k, scale, bias, tscale,
              grad_row, grad_col, row_stats, col_stats, dq, dk,
-             m, n, d, tq.shape[1] if has_teacher else 0),
+             m, n, d, tq.shape[1] if has_teacher else 0, _bucket(m), _bucket(n)),
             config, HAS_TEACHER=has_teacher, WITH_COLS=bool(with_cols),
             INPUT_PRECISION=_input_precision(q.dtype))
     return dq, dk

@@ -619,8 +619,10 @@ void register_contrastive_cpu(pybind11::module_& m) {
         py::arg("grad_row"), py::arg("grad_col"), py::arg("q"), py::arg("k"), py::arg("scale"),
         py::arg("bias"), py::arg("tq"), py::arg("tk"), py::arg("tscale"), py::arg("row_stats"),
         py::arg("col_stats"), py::arg("with_cols"), py::call_guard<py::gil_scoped_release>());
-  m.def("_contrastive_exp_cpu", &contrastive_exp_cpu,
-        "Test hook: the CPU contrastive kernel's elementwise exp.", py::arg("x"));
+  // Test hooks live in the submodule _C.testing (reached through calrft_kernels/testing.py).
+  auto testing = m.def_submodule("testing", "test-only native hooks (calrft_kernels/testing.py)");
+  testing.def("contrastive_exp_cpu", &contrastive_exp_cpu,
+              "Test hook: the CPU contrastive kernel's elementwise exp.", py::arg("x"));
 }
 
 }  // namespace calrft
