@@ -65,3 +65,14 @@ def text_projection(model) -> torch.Tensor | None:
 def unwrap(model):
     """The open_clip model inside a DDP wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def set_grad_checkpointing(model, enable: bool = True) -> None:
+    """Activation checkpointing in the model's transformer towers (open_clip's
+    set_grad_checkpointing): each residual block's activations are recomputed in the backward
+    instead of kept, trading about one more forward for memory."""
+    model = unwrap(model)
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ValueError(f"grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing")
+    setter(enable)

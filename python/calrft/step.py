@@ -1,0 +1,280 @@
+"""One optimiser step's forward and backward: plain, or with feature caching (GradCache).
+
+Both steps compose the same loss (`Objective`, the package's ops from calrft.ops) and leave the
+gradients of the same objective in the parameters; the trainer then clips, steps and updates the
+EMA teacher the same way after either.
+
+Plain step: one graph over this rank's batch (activation memory grows with the batch).
+
+Feature-cached step (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"; open_clip's --accum-freq is the same idea), for a contrastive batch far beyond
+what one graph fits:
+  1. pass 1, no graphs: the student's features (and the teacher's: it runs once per sample) for
+     the whole per-rank batch, micro-batch by micro-batch, the random state before each
+     micro-batch saved;
+  2. the loss of the whole batch on those features as leaves (global across ranks through the
+     op's process group), backward: the gradients w.r.t. the features and the scale, O(B d)
+     memory with the fused ops; the parameter terms (orthogonality, cross) and the optional
+     sigma_min term are part of that one loss, so they count once;
+  3. pass 2: each micro-batch forward again with a graph, its random state restored (dropout
+     replays the masks of pass 1, so the features are the ones the loss saw), backward with its
+     slice of the feature gradients (the scale's gradient with the last micro-batch). Under DDP
+     every micro-batch but the last runs under no_sync, so gradients are all-reduced once.
+Peak memory: one micro-batch's activations plus O(B d) features and loss state. The random state
+after the step is the one pass 1 left, as if the student had run once.
+
+--method ft has no batch-coupled loss: cross-entropy is a per-sample mean, so micro-batch
+gradient accumulation (each micro-batch's summed loss over the whole batch size) is exact and
+needs no cache.
+
+Nothing here converts a tensor to a Python number: the returned loss terms are detached 0-d
+tensors, read by the caller only at a log step (no host synchronisation per step)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .ops import CaRotLoss, contrastive_loss
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+METHODS = ("carot", "flyp", "ft")
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+def autocast_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on a device: "auto" is bf16 on CUDA and fp32
+    (no autocast) on CPU; "bf16" / "fp16" autocast on any device; "fp32" never."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast(device, precision: str = "auto"):
+    """The autocast context of `precision` on `device` (a null context for fp32)."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def make_scaler(precision: str, device):
+    """A gradient scaler for fp16 (its range needs one), None otherwise."""
+    if autocast_dtype(precision, device) != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+# ---- random state ------------------------------------------------------------------------------
+
+class RngState:
+    """The generators a forward pass draws from (dropout, patch dropout): the CPU generator and,
+    on a CUDA device, that device's generator."""
+
+    def __init__(self, device):
+        device = torch.device(device)
+        self.cuda = device if device.type == "cuda" else None
+
+    def capture(self):
+        return (torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None)
+
+    def restore(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.cuda)
+
+
+# ---- the loss ----------------------------------------------------------------------------------
+
+@dataclass
+class Objective:
+    """The loss of a batch of (image, text) features: the one composition both steps use.
+
+    flyp: contrastive_loss; carot: CaRotLoss (contrastive + distillation + the parameter terms of
+    `clip`'s projections + the optional sigma_min term). Both are global across ranks through
+    `process_group` (each rank passes its local rows)."""
+    method: str
+    carot_loss: CaRotLoss | None = None
+    process_group: object = None
+    supervised_targets: bool = False
+
+    def __post_init__(self):
+        if self.method not in ("carot", "flyp"):
+            raise ValueError(f"method: the contrastive objective is carot or flyp, got {self.method!r}")
+        if self.method == "carot" and self.carot_loss is None:
+            raise ValueError("carot_loss: method carot needs a CaRotLoss")
+
+    def __call__(self, img, txt, scale, *, labels=None, teacher=None, clip=None) -> dict:
+        """{term: 0-d tensor} with "total", the loss to differentiate."""
+        targets = labels if self.supervised_targets else None
+        if self.method == "flyp":
+            loss = contrastive_loss(img, txt, scale, labels=targets, process_group=self.process_group)
+            return {"contrastive": loss, "total": loss}
+        kwargs = {}
+        if teacher is not None:
+            kwargs = dict(teacher_image_features=teacher[0], teacher_text_features=teacher[1],
+                          teacher_logit_scale=teacher[2])
+        out = self.carot_loss(img, txt, scale, visual_proj=models.visual_projection(clip),
+                              text_proj=models.text_projection(clip), labels=targets,
+                              output_dict=True, **kwargs)
+        return {k: v for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+
+
+# ---- the steps ---------------------------------------------------------------------------------
+
+def spans(n: int, micro: int | None) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of the micro-batches of n rows (the last may be shorter); one span when
+    micro is None or >= n."""
+    if micro is None or micro >= n:
+        return [(0, n)]
+    if micro < 1:
+        raise ValueError(f"micro_batch_size: must be >= 1, got {micro}")
+    return [(lo, min(n, lo + micro)) for lo in range(0, n, micro)]
+
+
+class Stepper:
+    """Forward and backward of one step (gradients left in the parameters, scaled by `scaler`
+    when one is given); returns the detached loss terms.
+
+    student: the module trained (the CLIP model, or ft's classifier); wrapped: the same under DDP
+    (or the student itself); clip: the CLIP model inside (its projections enter CaRot's parameter
+    terms); teacher: the EMA teacher or None; objective: the contrastive loss (carot / flyp);
+    micro_batch_size: rows per micro-batch of the cached step (None: the plain step)."""
+
+    def __init__(self, method, *, student, wrapped=None, clip=None, teacher=None, objective=None,
+                 device="cpu", precision="auto", micro_batch_size=None, scaler=None):
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        if method != "ft" and objective is None:
+            raise ValueError(f"objective: method {method} needs its Objective")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+        autocast_dtype(precision, device)  # validates
+        self.method, self.student = method, student
+        self.wrapped = wrapped if wrapped is not None else student
+        self.clip = clip if clip is not None else student
+        self.teacher, self.objective = teacher, objective
+        self.device, self.precision = device, precision
+        self.micro_batch_size, self.scaler = micro_batch_size, scaler
+        self.rng = RngState(device)
+
+    # -- helpers
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    def _backward(self, loss, inputs=None, grads=None):
+        if inputs is not None:
+            torch.autograd.backward(inputs, grads)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _sync(self, last: bool):
+        """DDP reduces gradients in the backward of the last micro-batch only."""
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    @torch.no_grad()
+    def _teacher(self, images, texts):
+        with self.autocast():
+            return tuple(self.teacher(images, texts)[:3])
+
+    # -- the step
+    def forward_backward(self, batch, *, use_teacher: bool = True) -> dict:
+        """Gradients of the step's loss into the parameters; {term: detached 0-d tensor} with
+        "loss" (the total). use_teacher: distil from the teacher (CaRot starts after step 0)."""
+        images = batch["images"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        texts = batch.get("texts")
+        if texts is not None:
+            texts = texts.to(self.device, non_blocking=True)
+        use_teacher = use_teacher and self.teacher is not None and self.method == "carot"
+        parts = spans(images.shape[0], self.micro_batch_size)
+        if self.method == "ft":
+            terms = self._ft(images, labels, parts)
+        elif len(parts) == 1:
+            terms = self._plain(images, texts, labels, use_teacher)
+        else:
+            terms = self._cached(images, texts, labels, use_teacher, parts)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _ft(self, images, labels, parts):
+        """Cross-entropy, a per-sample mean: micro-batches accumulate sum / B exactly."""
+        n, total = images.shape[0], None
+        for k, (lo, hi) in enumerate(parts):
+            with self._sync(k == len(parts) - 1):
+                with self.autocast():
+                    logits = self.wrapped(images[lo:hi])
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                loss = F.cross_entropy(logits, labels[lo:hi], reduction="sum") / n
+                self._backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        return {"ce": total, "loss": total}
+
+    def _plain(self, images, texts, labels, use_teacher):
+        with self.autocast():
+            img, txt, scale = self.wrapped(images, texts)[:3]
+        teacher = self._teacher(images, texts) if use_teacher else None
+        terms = self.objective(img, txt, scale, labels=labels, teacher=teacher, clip=self.clip)
+        self._backward(terms["total"])
+        terms["loss"] = terms["total"]
+        return terms
+
+    def _cached(self, images, texts, labels, use_teacher, parts):
+        # pass 1: features of every micro-batch without graphs, the random state before each
+        states, img, txt, t_img, t_txt, scale, t_scale = [], [], [], [], [], None, None
+        with torch.no_grad():
+            for lo, hi in parts:
+                states.append(self.rng.capture())
+                with self.autocast():
+                    i, t, scale = self.student(images[lo:hi], texts[lo:hi])[:3]
+                img.append(i)
+                txt.append(t)
+                if use_teacher:
+                    ti, tt, t_scale = self._teacher(images[lo:hi], texts[lo:hi])
+                    t_img.append(ti)
+                    t_txt.append(tt)
+        after = self.rng.capture()
+        # the loss of the whole batch and its gradients w.r.t. the features (O(B d))
+        img = torch.cat(img).requires_grad_()
+        txt = torch.cat(txt).requires_grad_()
+        scale = scale.detach().requires_grad_()
+        teacher = (torch.cat(t_img), torch.cat(t_txt), t_scale) if use_teacher else None
+        terms = self.objective(img, txt, scale, labels=labels, teacher=teacher, clip=self.clip)
+        self._backward(terms["total"])
+        terms["loss"] = terms["total"]
+        g_img, g_txt, g_scale = img.grad, txt.grad, scale.grad
+        del img, txt, teacher
+        # pass 2: each micro-batch again with a graph, its pass-1 random state replayed
+        for k, (lo, hi) in enumerate(parts):
+            last = k == len(parts) - 1
+            self.rng.restore(states[k])
+            with self._sync(last):
+                with self.autocast():
+                    i, t, s = self.wrapped(images[lo:hi], texts[lo:hi])[:3]
+                outputs, grads = [i, t], [g_img[lo:hi], g_txt[lo:hi]]
+                if last:
+                    outputs.append(s)
+                    grads.append(g_scale.to(s.dtype))
+                self._backward(None, outputs, grads)
+        self.rng.restore(after)
+        return terms
+
+
+def materialise(terms: dict) -> dict:
+    """Loss terms as Python floats (one host synchronisation): for a log step."""
+    tensors = {k: v for k, v in terms.items() if torch.is_tensor(v)}
+    if not tensors:
+        return dict(terms)
+    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).cpu().tolist()
+    out = dict(terms)
+    out.update(zip(tensors, values))
+    return out
