@@ -32,6 +32,8 @@ class TrainConfig:
     csv_caption_key: str = "title"
     csv_label_key: str | None = None
     train_folder: str | None = None
+    train_data: str | None = None          # WebDataset tar shards, e.g. "shards/{00000..00099}.tar"
+    train_num_samples: int | None = None   # samples per epoch of a --train-data stream
     classnames: str | None = None          # file, one class name a line (CSV training)
     templates: str = "openai"              # openai | short | simple
     id_eval: str | None = None
@@ -45,7 +47,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 500
     grad_clip: float | None = None
-    precision: str = "bf16"                # autocast dtype on GPU; CPU runs fp32
+    precision: str = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    micro_batch_size: int | None = None    # per rank; feature caching below the batch (step.py)
+    grad_checkpointing: bool = False       # activation checkpointing in the towers
     seed: int = 0
     device: str | None = None
     # bookkeeping
@@ -66,6 +70,16 @@ class TrainConfig:
             setattr(self, f.name, coerce(f, getattr(self, f.name)))
         if self.method not in ("carot", "flyp", "ft"):
             raise ValueError(f"method: expected carot, flyp or ft, got {self.method!r}")
+        _at_least(self, 1, "micro_batch_size", "train_num_samples")
+        from .step import PRECISIONS
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        given = [k for k in ("train_csv", "train_folder", "train_data") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one training source, got {' and '.join(given)}")
+        if self.train_data and not (self.train_num_samples or self.steps):
+            raise ValueError("train_num_samples: a --train-data stream has no length; give "
+                             "--train-num-samples (samples per epoch) or --steps")
         _at_least(self, 1, "batch_size", "epochs", "steps", "ema_every", "eval_batch_size", "log_every",
                   "stop_after")
         _at_least(self, 0, "workers", "warmup", "eval_every", "save_every", "seed", "weight_decay",

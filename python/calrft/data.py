@@ -270,8 +270,12 @@ def eval_collate(items):
 
 
 def train_loader(dataset, tokenizer, sampler, workers=2):
+    # a private generator: a DataLoader draws its workers' base seed from the global generator
+    # otherwise, so a loader started at a resume point would shift the model's random stream
+    # (dropout) against an uninterrupted run; the items' own randomness is seeded per sample
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                      collate_fn=CaptionCollate(tokenizer), persistent_workers=False)
+                      collate_fn=CaptionCollate(tokenizer), persistent_workers=False,
+                      generator=torch.Generator().manual_seed(sampler.seed + sampler.epoch))
 
 
 def eval_loader(dataset, batch_size=256, workers=2, indices=None):

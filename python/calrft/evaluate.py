@@ -2,7 +2,6 @@
 covariance of standardised ID image features over the whole ID set)."""
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -10,20 +9,20 @@ import torch
 from . import data as data_mod
 from . import dist, metrics
 from .models import unwrap
-from .ops import CovarianceAccumulator
+from . import step as steps
+from .ops import CovarianceAccumulator, smallest_eigenvalue
 
 log = logging.getLogger("calrft.evaluate")
 
 
-def autocast(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device, precision="auto"):
+    """Evaluation's autocast: the training precision setting (step.autocast; "auto" is bf16 on
+    CUDA, fp32 on CPU)."""
+    return steps.autocast(device, precision)
 
 
 @torch.no_grad()
-def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+def zeroshot_head(model, tokenizer, classnames, templates, device="cpu", precision="auto") -> torch.Tensor:
     """[C, d]: per class, the mean of the L2-normalised text embeddings of every template, then
     renormalised (CLIP's prompt ensembling). Multiply by exp(logit_scale) for logits."""
     model = unwrap(model)
@@ -32,7 +31,7 @@ def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torc
     rows = []
     for name in classnames:
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        with autocast(device):
+        with autocast(device, precision):
             emb = model.encode_text(tokens, normalize=True).float()
         mean = emb.mean(0)
         rows.append(mean / mean.norm())
@@ -43,8 +42,8 @@ def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torc
 class ZeroShotClassifier:
     """logits = exp(logit_scale) * f @ head^T, the head built with the model's text encoder."""
 
-    def __init__(self, model, tokenizer, classnames, templates, device="cpu"):
-        self.head = zeroshot_head(model, tokenizer, classnames, templates, device)
+    def __init__(self, model, tokenizer, classnames, templates, device="cpu", precision="auto"):
+        self.head = zeroshot_head(model, tokenizer, classnames, templates, device, precision)
         self.scale = unwrap(model).logit_scale.detach().exp().float()
 
     def __call__(self, features):
@@ -53,15 +52,17 @@ class ZeroShotClassifier:
 
 def standardised_sigma_min(acc) -> float:
     """Smallest eigenvalue of the covariance of standardised features = of the correlation matrix
-    built from the accumulated covariance (float64)."""
+    built from the accumulated covariance (float64), by the package's eigensolver
+    (calrft_kernels.smallest_eigenvalue, its default method)."""
     cov = acc.covariance().to(torch.float64)
     std = cov.diagonal().clamp_min(1e-12).sqrt()
     corr = cov / (std[:, None] * std[None, :])
-    return torch.linalg.eigvalsh(corr)[0].item()
+    value, _ = smallest_eigenvalue(corr, tol=1e-10)
+    return value.item()
 
 
 @torch.no_grad()
-def predict(model, classifier, loader, device="cpu", accumulator=None):
+def predict(model, classifier, loader, device="cpu", accumulator=None, precision="auto"):
     """(logits over all ID classes, labels, skipped items) of this rank's share of a set."""
     model = unwrap(model)
     was_training = model.training
@@ -72,7 +73,7 @@ def predict(model, classifier, loader, device="cpu", accumulator=None):
         if batch["labels"].numel() == 0:
             continue
         images = batch["images"].to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             feats = model.encode_image(images, normalize=True).float()
         if accumulator is not None:
             accumulator.update(feats)
@@ -100,7 +101,7 @@ def restrict(logits, labels, class_indices):
 
 
 def evaluate(model, classifier, eval_sets, device="cpu", batch_size=256, workers=2, n_bins=15,
-             feature_dim=None, id_first=True):
+             feature_dim=None, id_first=True, precision="auto"):
     """{"id": {...}, "ood": {name: {...}, "avg": {...}}, "sigma_min": float, "unreadable":
     {name: count}, "sigma_min_rank_deficient": bool} plus raw predictions under "_predictions"
     (for plots). With id_first the first set is ID and the rest are OOD; without it every set is
@@ -121,7 +122,7 @@ def evaluate(model, classifier, eval_sets, device="cpu", batch_size=256, workers
         if k == 0 and id_first:
             dim = feature_dim or unwrap(model).visual.output_dim
             acc = CovarianceAccumulator(dim, dtype=torch.float64, device=device)
-        logits, labels, skipped = predict(model, classifier, loader, device, acc)
+        logits, labels, skipped = predict(model, classifier, loader, device, acc, precision)
         logits, labels = dist.gather_rows(logits), dist.gather_rows(labels)
         skipped = dist.gather_objects([s.path for s in skipped])
         out["skipped"] += skipped

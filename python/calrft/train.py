@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint, data, dist, ema, models, preflight, report, rundir
+from . import step as steps
 from . import evaluate as ev
 from . import templates as templates_mod
 from .config import TrainConfig
-from .ops import CaRotLoss, contrastive_loss
+from .ops import CaRotLoss
 
 log = logging.getLogger("calrft.train")
 
@@ -50,7 +50,7 @@ class FTClassifier(torch.nn.Module):
     def __init__(self, clip, head):
         super().__init__()
         self.clip = clip
-        self.head = torch.nn.Parameter(head.clone())
+        self.head = torch.nn.Parameter(head.clone().to(clip.logit_scale.dtype))
         # Only the image tower, the scale and the head train; the text tower is not used.
         for name, p in clip.named_parameters():
             if not name.startswith("visual.") and name != "logit_scale":
@@ -139,7 +139,8 @@ class Trainer:
         if cfg.method == "ft":
             if classnames is None:
                 raise ValueError("method: ft needs class names for its zero-shot-initialised head")
-            head = ev.zeroshot_head(self.clip, tokenizer, classnames, self.templates, self.device)
+            head = ev.zeroshot_head(self.clip, tokenizer, classnames, self.templates, self.device,
+                                    cfg.precision)
             self.student = FTClassifier(self.clip, head).to(self.device)
         self.teacher = None
         if cfg.method == "carot" and cfg.distill_weight > 0:
@@ -152,6 +153,15 @@ class Trainer:
         if cfg.method == "carot":
             self.loss_fn = CaRotLoss(cfg.distill_weight, cfg.orth_weight, cfg.cross_weight,
                                      cfg.sigma_min_weight, **self._group_kwargs())
+        if cfg.grad_checkpointing:
+            models.set_grad_checkpointing(self.clip, True)
+        self.scaler = steps.make_scaler(cfg.precision, self.device)
+        objective = None if cfg.method == "ft" else steps.Objective(
+            cfg.method, self.loss_fn, self.group, cfg.supervised_targets)
+        self.stepper = steps.Stepper(cfg.method, student=self.student, wrapped=self.wrapped,
+                                     clip=self.clip, teacher=self.teacher, objective=objective,
+                                     device=self.device, precision=cfg.precision,
+                                     micro_batch_size=cfg.micro_batch_size, scaler=self.scaler)
 
         self.sampler_args = dict(n=len(train_set), global_batch=cfg.batch_size, rank=self.rank,
                                  world=self.world, seed=cfg.seed)
@@ -181,6 +191,8 @@ class Trainer:
         if not dist.is_main():
             return
         extra = {"ft_head": self.student.head.detach()} if self.cfg.method == "ft" else {}
+        if self.scaler is not None:
+            extra["grad_scaler"] = self.scaler.state_dict()
         path = path or self.out / "checkpoint.pt"
         checkpoint.save(path, model=self.clip, teacher=self.teacher,
                         optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
@@ -204,57 +216,38 @@ class Trainer:
                 self.student.head.copy_(state["ft_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = state["step"]
         self.saved = (self.step, str(path))
         checkpoint.set_rng_state(state["rng"])
 
     # ---- one step ----
     def autocast(self):
-        return ev.autocast(self.device)
-
-    def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device)
-        cfg = self.cfg
-        if cfg.method == "ft":
-            with self.autocast():
-                logits = self.wrapped(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            return loss, {"ce": loss.item()}
-        texts = batch["texts"].to(self.device, non_blocking=True)
-        targets = labels if cfg.supervised_targets else None
-        with self.autocast():
-            img, txt, scale = self.wrapped(images, texts)[:3]
-        if cfg.method == "flyp":
-            loss = contrastive_loss(img, txt, scale, labels=targets, process_group=self.group)
-            return loss, {"contrastive": loss.item()}
-        teacher = {}
-        if self.teacher is not None and self.step > 0:
-            with torch.no_grad(), self.autocast():
-                t_img, t_txt, t_scale = self.teacher(images, texts)[:3]
-            teacher = dict(teacher_image_features=t_img, teacher_text_features=t_txt,
-                           teacher_logit_scale=t_scale)
-        out = self.loss_fn(img, txt, scale, visual_proj=models.visual_projection(self.clip),
-                           text_proj=models.text_projection(self.clip), labels=targets,
-                           output_dict=True, **teacher)
-        terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
-        return out["total"], terms
+        return steps.autocast(self.device, self.cfg.precision)
 
     def train_step(self, batch) -> dict:
+        """One optimiser step (plain, or feature-cached with --micro-batch-size; step.py).
+        Returns the loss terms as detached 0-d tensors (step.materialise reads them at a log
+        step) and "ema_momentum" when the teacher was updated."""
         self.student.train()
-        loss, terms = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms = self.stepper.forward_backward(batch, use_teacher=self.step > 0)
         if self.cfg.grad_clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.teacher is not None and self.ema_schedule.should_update(self.step):
             momentum = self.ema_schedule.momentum(self.step)
             ema.ema_update(self.teacher, self.clip, momentum)
             terms["ema_momentum"] = momentum
-        terms["loss"] = loss.item()
         return terms
 
     # ---- evaluation ----
@@ -262,13 +255,14 @@ class Trainer:
         if self.cfg.method == "ft":
             return self.student.classify
         return ev.ZeroShotClassifier(self.clip, self.tokenizer, self.classnames, self.templates,
-                                     self.device)
+                                     self.device, self.cfg.precision)
 
     def evaluate(self):
         if not self.eval_sets:
             return None
         result = ev.evaluate(self.clip, self.classifier(), self.eval_sets, self.device,
-                             self.cfg.eval_batch_size, self.cfg.workers, id_first=self.id_first)
+                             self.cfg.eval_batch_size, self.cfg.workers, id_first=self.id_first,
+                             precision=self.cfg.precision)
         self.log.write(step=self.step, eval=ev.public(result))
         return result
 
@@ -295,19 +289,25 @@ class Trainer:
         result, stop = None, cfg.stop_after
         eval_every = cfg.eval_every or self.steps_per_epoch
         save_every = cfg.save_every or self.steps_per_epoch
+        mark, shown = (time.perf_counter(), self.step), {}
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             sampler = data.GlobalBatchSampler(**self.sampler_args, epoch=epoch, start_step=start)
             loader = data.train_loader(self.train_set, self.tokenizer, sampler, cfg.workers)
             for batch in loader:
                 data.report_skipped(batch["skipped"], self.seen_bad)
-                t0 = time.perf_counter()
                 terms = self.train_step(batch)
-                rate = cfg.batch_size / max(1e-9, time.perf_counter() - t0)
                 lr = self.scheduler.get_last_lr()[0]
-                bar.update(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    # the loss terms stay on the device until here: one host sync per log step;
+                    # samples/s over the steps since the last log (the sync ends them)
+                    terms = steps.materialise(terms)
+                    now = time.perf_counter()
+                    rate = cfg.batch_size * (self.step - mark[1]) / max(1e-9, now - mark[0])
+                    mark = (now, self.step)
+                    shown = dict(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                     self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate, **terms)
+                bar.update(**shown)
                 if self.step == self.total_steps or (stop is not None and self.step >= stop):
                     break
                 if self.step % save_every == 0:
