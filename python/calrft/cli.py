@@ -204,7 +204,6 @@ def cmd_wise_ft(args):
 
 def cmd_demo(args):
     from . import demo, rundir
-    from .config import TrainConfig
     if args.threads < 1:
         raise ValueError(f"threads: must be >= 1, got {args.threads}")
     try:
