@@ -15,8 +15,7 @@ import warnings
 
 import torch
 
-from calrft_kernels.spectral import (batch_covariance, covariance_sigma_min,
-                                     smallest_eigenvalue)
+from calrft_kernels import batch_covariance, covariance_sigma_min, smallest_eigenvalue
 
 
 def log_spectrum_features(b, d, kappa, mean=50.0, seed=0):
@@ -82,6 +81,13 @@ def bench_eigen(d, kappa, repeats):
                                             return_info=True)
         return run
 
+    def lanczos_cold():
+        out["lanczos"] = smallest_eigenvalue(a, method="lanczos", return_info=True)
+
+    def lanczos_warm():
+        out["lanczos warm"] = smallest_eigenvalue(drifted["warm, drift 1e-3 lambda_min"],
+                                                  method="lanczos", v0=v_prev, return_info=True)
+
     def lobpcg():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -97,6 +103,8 @@ def bench_eigen(d, kappa, repeats):
         "cholesky fp32": lambda: torch.linalg.cholesky(a32),
         "smallest_eigenvalue cold": cold,
         **{f"smallest_eigenvalue {k}": warm(k) for k in drifted},
+        "smallest_eigenvalue lanczos cold": lanczos_cold,
+        "smallest_eigenvalue lanczos warm, drift 1e-3 lambda_min": lanczos_warm,
         "torch.lobpcg": lobpcg,
         "scipy eigsh shift-invert": eigsh,
     }
@@ -104,6 +112,11 @@ def bench_eigen(d, kappa, repeats):
     errs = {"smallest_eigenvalue cold": rel(out["cold"][0], ref),
             "torch.lobpcg": rel(out["lobpcg"], ref), "scipy eigsh shift-invert": rel(out["eigsh"], ref)}
     iters = {"smallest_eigenvalue cold": out["cold"][2].iterations}
+    for name, key, r in (("smallest_eigenvalue lanczos cold", "lanczos", ref),
+                         ("smallest_eigenvalue lanczos warm, drift 1e-3 lambda_min",
+                          "lanczos warm", refs["warm, drift 1e-3 lambda_min"])):
+        errs[name] = rel(out[key][0], r)
+        iters[name] = out[key][2].iterations
     for k in drifted:
         errs[f"smallest_eigenvalue {k}"] = rel(out[k][0], refs[k])
         iters[f"smallest_eigenvalue {k}"] = out[k][2].iterations
@@ -144,6 +157,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="d=512 only, small covariance")
     p.add_argument("--plot", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--eigen-only", action="store_true",
+                   help="only the smallest_eigenvalue cases (Davidson vs Lanczos vs eigvalsh)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every contender (default: torch's own)")
     args = p.parse_args()
@@ -162,7 +177,7 @@ def main():
             for k, t in ms.items():
                 rows.append((f"eigen d={d} kappa={kappa:.0e}", k, t, t / f64, t / f32,
                              errs.get(k), iters.get(k), mins[k] / mins["eigvalsh fp64"]))
-        for kappa in (1e4, 1e6):
+        for kappa in (() if args.eigen_only else (1e4, 1e6)):
             ms, errs = bench_sigma(d, kappa, args.repeats)
             base = ms["torch.cov + eigvalsh fp32"]
             mins = interleaved.minimum
@@ -171,9 +186,10 @@ def main():
                 rows.append((f"sigma_min B={4 * d} d={d} kappa={kappa:.0e}", k, t, t / base, None,
                              errs.get(k), None, mins[k] / mins["torch.cov + eigvalsh fp32"]))
     b = 16384 if args.quick else 65536
-    ms = bench_covariance(b, 512, max(3, args.repeats // 3))
+    ms = {} if args.eigen_only else bench_covariance(b, 512, max(3, args.repeats // 3))
     mins = interleaved.minimum
-    record[f"covariance B={b} d=512"] = {"ms": ms, "min_ms": mins}
+    if ms:
+        record[f"covariance B={b} d=512"] = {"ms": ms, "min_ms": mins}
     for k, t in ms.items():
         rows.append((f"covariance B={b} d=512", k, t, t / ms["torch.mm(z.T, z)"], None, None, None,
                      mins[k] / mins["torch.mm(z.T, z)"]))

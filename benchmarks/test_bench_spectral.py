@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from calrft_kernels.spectral import batch_covariance, covariance_sigma_min, smallest_eigenvalue
+from calrft_kernels import batch_covariance, covariance_sigma_min, smallest_eigenvalue
 
 
 def _matrix(d, kappa=1e4):

@@ -66,7 +66,7 @@ def lanczos_smallest(a: Tensor, *, v0: Optional[Tensor] = None, tol: float = 1e-
     factor, delta = shifted_cholesky(a64, initial_shift(max(max_diag, 1e-300)))
     if factor is None:
         return None
-    m_max = min(d, max_iter + 1)
+    m_max = min(d, max(max_iter, 1))   # Lanczos steps (operator applications)
     basis = torch.zeros(d, m_max, dtype=torch.float64, device=a.device)
     if v0 is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -312,3 +312,52 @@ def test_factor_fit_check_of_the_stale_factor_policy():
     assert fits(factor(a), v[:, 0], float(w[0]), delta)
     assert not fits(factor(2 * a), v[:, 0], float(w[0]), delta)
     assert not fits(factor(a + 50 * float(w[0]) * eye), v[:, 0], float(w[0]), delta)
+
+
+# ---- method="lanczos": the genuine shift-invert Lanczos solver ---------------------------------
+
+LANCZOS_CASES = [(kind, d, kappa) for kind in ("log", "power", "cluster")
+                 for d in (1, 2, 64, 257) for kappa in (1e2, 1e6)] + [("log", 512, 1e6)]
+
+
+@pytest.mark.parametrize("kind,d,kappa", LANCZOS_CASES)
+def test_lanczos_accuracy(kind, d, kappa):
+    a = matrix(kind, d, kappa)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # converges on every one of these
+        value, vector, info = smallest_eigenvalue(a, method="lanczos", return_info=True)
+    check(a, value, vector)
+    assert info.method == "lanczos" and info.converged and not info.fallback
+    assert info.factor is None and info.error_estimate <= 1e-6
+    assert info.iterations <= min(d, 60)
+
+
+def test_lanczos_warm_start_and_relative_tol():
+    a = matrix("log", 300, 1e5)
+    _, v, cold = smallest_eigenvalue(a, method="lanczos", return_info=True)
+    lam = float(torch.linalg.eigvalsh(a)[0])
+    e = matrix("log", 300, 1e2)
+    b = a + 1e-3 * lam * e / torch.linalg.matrix_norm(e, 2)
+    value, vector, warm = smallest_eigenvalue(b, method="lanczos", v0=v, return_info=True)
+    check(b, value, vector)
+    assert warm.iterations < cold.iterations
+    _, _, scaled = smallest_eigenvalue(a * 1e-8, method="lanczos", return_info=True)
+    assert scaled.iterations == cold.iterations                  # the test is relative
+
+
+def test_lanczos_not_converged_warns_and_gradcheck():
+    a = matrix("log", 200, 1e6)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        _, _, info = smallest_eigenvalue(a, method="lanczos", max_iter=2, return_info=True)
+    assert not info.converged and info.iterations == 2
+    x = torch.randn(6, 6, dtype=torch.float64)
+    m = (x @ x.T + 0.1 * torch.eye(6, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: smallest_eigenvalue((t + t.T) / 2, method="lanczos", tol=1e-12)[0], (m,))
+
+
+def test_lanczos_agrees_with_davidson():
+    a = matrix("cluster", 257, 1e4)
+    v_l, _ = smallest_eigenvalue(a, method="lanczos", tol=1e-10)
+    v_d, _ = smallest_eigenvalue(a, method="davidson", tol=1e-10)
+    assert abs(float(v_l) - float(v_d)) <= 1e-9 * float(v_d)
