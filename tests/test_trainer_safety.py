@@ -424,3 +424,16 @@ def test_resume_never_writes_over_another_run(trees, finished, run_copy, tmp_pat
     line = fails(_train_argv(trees, run_copy, "--resume", str(other / "checkpoint.pt")), capsys)
     assert "error: out:" in line and "holds another run" in line and "its checkpoint's folder" in line
     assert snapshot(run_copy) == before
+
+
+def test_an_undownloadable_tag_is_one_line(trees, tmp_path, capsys, monkeypatch):
+    import open_clip
+
+    def offline(*a, **k):  # what open_clip raises without network (after its retries)
+        raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file "
+                           "(open_clip_pytorch_model.bin). Please check your connection")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    line = fails(["eval", "--model", "ViT-B-32", "--pretrained", "openai", "--train-folder", str(trees / "train"),
+                  "--id-eval", str(trees / "val"), "--out", str(tmp_path / "e")], capsys)
+    assert line.startswith("calrft eval: error: pretrained: open_clip could not download the 'openai' "
+                           "weights of ViT-B-32 (no network?)")

@@ -44,8 +44,15 @@ def create(model_name: str, pretrained: str | None = None, device="cpu", cache_d
                              f"tags for {model_name} ({', '.join(tags) or 'none'})")
     elif pretrained and not os.path.exists(pretrained):
         raise ValueError(f"pretrained: no such file {pretrained!r}")
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    try:
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    except RuntimeError as exc:
+        if "Failed to download" not in str(exc):
+            raise
+        raise ValueError(f"pretrained: open_clip could not download the {pretrained!r} weights of "
+                         f"{model_name} (no network?); fetch them where there is one into --cache-dir, "
+                         f"or give a local weights file ({' '.join(str(exc).split())[:160]})") from None
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, train_tf, eval_tf, tokenizer
 
