@@ -1,4 +1,6 @@
-"""Two gloo processes on CPU train exactly like one process on the same global batch."""
+"""Two gloo processes on CPU train exactly like one process on the same global batch, with the
+plain step and with the feature-cached step (--micro-batch-size: each rank's 4 rows in
+micro-batches, the loss global across ranks, gradients all-reduced once)."""
 import os
 import socket
 
@@ -17,19 +19,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train(out, method, steps):
+def _train(out, method, steps, micro=None):
     # float64, so that reduction-order noise stays far below Adam's eps: parameters whose true
     # gradient is 0 (e.g. attention key biases) would otherwise take noise-sized-but-normalised steps
     model, tok = tiny_model()
     model.double()
     train, eval_sets = tiny_data(dtype=torch.float64)
-    t = Trainer(tiny_config(out, method=method, steps=steps, batch_size=8), model=model, tokenizer=tok,
-                train_set=train, eval_sets=eval_sets, classnames=CLASSES)
+    t = Trainer(tiny_config(out, method=method, steps=steps, batch_size=8, micro_batch_size=micro),
+                model=model, tokenizer=tok, train_set=train, eval_sets=eval_sets, classnames=CLASSES)
+    t.reductions = []
+    if hasattr(t.wrapped, "register_comm_hook"):  # count DDP's bucket all-reduces
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def counting(state, bucket):
+            t.reductions.append(bucket.index())
+            return default_hooks.allreduce_hook(None, bucket)
+        t.wrapped.register_comm_hook(None, counting)
     result = t.fit()
     return t, result
 
 
-METHODS = ("carot", "flyp")
+METHODS = ("carot", "flyp", "ft")
+# (method, micro-batch size per rank) of the two-rank runs; each compares with the plain
+# single-process run of its method. 4 rows a rank: micro 2 -> 2 + 2, micro 3 -> 3 + 1.
+CASES = (("carot", None), ("flyp", None), ("carot", 2), ("flyp", 3), ("ft", 3))
 
 
 def _worker(rank, world, port, out, steps, result_path):
@@ -37,11 +50,12 @@ def _worker(rank, world, port, out, steps, result_path):
                       RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import calrft.dist as dist
-    for method in METHODS:  # one process group for both methods: spawning is the slow part
-        t, result = _train(f"{out}/{method}", method, steps)
+    for method, micro in CASES:  # one process group for every case: spawning is the slow part
+        t, result = _train(f"{out}/{method}{micro}", method, steps, micro)
         teacher = {k: v.clone() for k, v in t.teacher.state_dict().items()} if t.teacher is not None else None
         torch.save(({k: v.clone() for k, v in t.clip.state_dict().items()}, teacher,
-                    {k: result[k] for k in ("id", "ood", "sigma_min")}), f"{result_path}.{method}.{rank}")
+                    {k: result[k] for k in ("id", "ood", "sigma_min")}, len(t.reductions)),
+                   f"{result_path}.{method}{micro}.{rank}")
     dist.shutdown()
 
 
@@ -56,13 +70,24 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         p.start()
     initial, _ = tiny_model()
     initial.double()
-    singles = {m: _train(tmp_path / "single" / m, m, steps) for m in METHODS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each too; more only contend here
+    try:
+        singles = {m: _train(tmp_path / "single" / m, m, steps) for m in METHODS}
+    finally:
+        torch.set_num_threads(threads)
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
-    for method in METHODS:
-        _compare(initial, *singles[method],
-                 {r: torch.load(f"{result_path}.{method}.{r}", weights_only=False) for r in range(2)})
+    reductions = {}
+    for method, micro in CASES:
+        got = {r: torch.load(f"{result_path}.{method}{micro}.{r}", weights_only=False) for r in range(2)}
+        _compare(initial, *singles[method], {r: v[:3] for r, v in got.items()})
+        reductions[method, micro] = got[0][3]
+    # gradients are all-reduced once a step, in the last micro-batch's backward: as many bucket
+    # reductions as the plain step's
+    assert reductions["carot", 2] == reductions["carot", None] > 0
+    assert reductions["flyp", 3] == reductions["flyp", None] > 0
 
 
 def _compare(initial, single, single_result, got):
