@@ -9,10 +9,12 @@ each round) and reports each method's median, so that every ratio compares runs 
 same machine load (this machine is shared: load varies by 2x within minutes).
 
 Methods (d = 512, float32, logit scale 100):
-  fused          calrft_kernels.contrastive_loss(..., backend="cpu")
+  fused          calrft_kernels.contrastive_loss(..., backend="cpu")   (the C++ kernel)
+  chunked        contrastive_loss(..., backend="chunked")  (GEMM per row chunk + torch passes)
   open_clip      open_clip.loss.ClipLoss()
   fused+distill  contrastive_loss(..., teacher features, distill_weight=1, backend="cpu")
-  naive CaRot    open_clip logits + teacher soft targets (softmax), log_softmax soft CE
+  naive CaRot    calrft_kernels.reference.naive_carot_loss (open_clip logits + teacher soft
+                 targets, log_softmax soft CE)
   unit           one B x B x d product and its backward (3 units) -> the bounds
                  4-unit bound = 4/3 x unit time (no teacher), 6-unit bound = 2 x unit time.
 
@@ -31,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SIZES = (1024, 4096, 8192, 16384, 65536)
-METHODS = ("unit", "fused", "open_clip", "fused+distill", "naive CaRot")
+METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
 # Peak extra bytes per B^2 of the materialising methods (measured at B = 4096: ClipLoss 4.3 B^2
 # floats, the naive CaRot loss 11.3; rounded up), for skipping sizes that cannot fit.
 BYTES_PER_B2 = {"open_clip": 4 * 5, "naive CaRot": 4 * 12, "unit": 4 * 3}
@@ -66,15 +68,15 @@ def _make_step(method, B, d, seed=0):
 
         def step():
             (img @ txt.T).backward(grad)
-    elif method in ("fused", "fused+distill"):
+    elif method in ("fused", "fused+distill", "chunked"):
         from calrft_kernels import contrastive_loss
-        kw = {}
+        kw = {"backend": "chunked" if method == "chunked" else "cpu"}
         if method == "fused+distill":
-            kw = dict(teacher_image_features=t_img, teacher_text_features=t_txt,
+            kw.update(teacher_image_features=t_img, teacher_text_features=t_txt,
                       teacher_logit_scale=t_scale, distill_weight=1.0)
 
         def step():
-            contrastive_loss(img, txt, scale, backend="cpu", **kw).backward()
+            contrastive_loss(img, txt, scale, **kw).backward()
     elif method == "open_clip":
         from open_clip.loss import ClipLoss
         loss_fn = ClipLoss()
@@ -82,19 +84,10 @@ def _make_step(method, B, d, seed=0):
         def step():
             loss_fn(img, txt, scale).backward()
     elif method == "naive CaRot":
-        from open_clip.loss import ClipLoss
-        loss_fn = ClipLoss()
+        from calrft_kernels.reference import naive_carot_loss
 
         def step():
-            logits_i, logits_t = loss_fn.get_logits(img, txt, scale)
-            labels = torch.arange(B)
-            loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
-            with torch.no_grad():
-                t = t_scale * t_img @ t_txt.T
-                p_i, p_t = t.softmax(1), t.T.softmax(1)
-            soft = (-(p_i * logits_i.log_softmax(1)).sum(1).mean()
-                    - (p_t * logits_t.log_softmax(1)).sum(1).mean())
-            (loss + 1.0 * soft).backward()
+            naive_carot_loss(img, txt, scale, t_img, t_txt, t_scale, 1.0).backward()
     else:
         raise ValueError(method)
 
@@ -242,11 +235,12 @@ def table(results, sizes):
                 why = r.get("skipped") or ("error: " + " ".join(r.get("error", [])))
                 lines.append(f"| {B} | {method} | skipped ({why}) | | | | |")
                 continue
-            vs_oc = f"{r['seconds'] / oc['seconds']:.2f}x" if oc and method == "fused" else ""
+            vs_oc = (f"{r['seconds'] / oc['seconds']:.2f}x"
+                     if oc and method in ("fused", "chunked") else "")
             vs_naive = (f"{r['seconds'] / naive['seconds']:.2f}x"
                         if naive and method == "fused+distill" else "")
             bound = ""
-            if unit and method in ("fused", "fused+distill"):
+            if unit and method in ("fused", "chunked", "fused+distill"):
                 units = 4 if method == "fused" else 6
                 bound = f"{r['seconds'] / (unit * units / 3):.2f}x of {units}-unit"
                 bound += " (unit extrapolated)" if extrapolated else ""

@@ -115,3 +115,44 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 def test_bad_weight_is_refused():
     with pytest.raises(ValueError, match="orth_weight"):
         CaRotLoss(orth_weight=-1.0)
+
+
+@pytest.mark.parametrize("name", ["distill_weight", "orth_weight", "cross_weight",
+                                  "sigma_min_weight", "sigma_min_eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5])
+def test_non_finite_or_negative_weights_name_the_argument(name, value):
+    with pytest.raises(ValueError, match=name):
+        CaRotLoss(**{name: value})
+
+
+def test_bad_label_smoothing_and_non_finite_tensor_scale_are_refused():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CaRotLoss(label_smoothing=1.0)
+    batch = make_batch()
+    batch["logit_scale"] = torch.tensor(float("inf"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        CaRotLoss()(**batch)
+    batch = make_batch()
+    batch["teacher_logit_scale"] = torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="teacher_logit_scale must be finite"):
+        CaRotLoss()(**batch)
+
+
+def test_naive_carot_reference_matches_the_official_formula():
+    """reference.naive_carot_loss (the benchmarks' baseline) is the objective's MCL + SD."""
+    from calrft_kernels.reference import naive_carot_loss
+    batch = make_batch()
+    got = naive_carot_loss(batch["image_features"], batch["text_features"], batch["logit_scale"],
+                           batch["teacher_image_features"], batch["teacher_text_features"],
+                           batch["teacher_logit_scale"], distill_weight=1.5)
+    want = official_formula(batch, orth_weight=0.0, cross_weight=0.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
+def test_every_backend_gives_the_same_terms(backend):
+    batch = make_batch(b=13, d=6, seed=2)
+    out = CaRotLoss(backend=backend)(**batch, output_dict=True)
+    ref = CaRotLoss(backend="reference")(**batch, output_dict=True)
+    for key, value in ref.items():
+        torch.testing.assert_close(out[key], value, rtol=1e-10, atol=1e-12, msg=key)

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from calrft_kernels import ClipLoss, contrastive_loss
 
 WORLD = 2
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "chunked", "reference")
 B_LOCAL, DIM = 5, 6
 
 

@@ -261,3 +261,29 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.split()[-1])
     assert grown < 200e6, f"peak RSS grew by {grown / 1e6:.0f} MB (one B x B fp32 matrix is 1600 MB)"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
+@pytest.mark.parametrize("name,value", [("logit_scale", float("inf")),
+                                        ("logit_scale", float("nan")),
+                                        ("logit_bias", float("-inf")),
+                                        ("teacher_logit_scale", float("inf"))])
+def test_non_finite_tensor_scalars_name_the_argument(backend, name, value):
+    """A tensor scalar that is not finite is refused like a float one (not a silent NaN)."""
+    x = torch.randn(4, 3)
+    kw = dict(image_features=x, text_features=x, logit_scale=torch.tensor(2.0),
+              teacher_image_features=x, teacher_text_features=x,
+              teacher_logit_scale=torch.tensor(1.0), distill_weight=1.0, backend=backend)
+    kw[name] = torch.tensor(value)
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        contrastive_loss(**kw)
+
+
+def test_finite_scalars_pass_and_the_check_can_be_skipped_for_device_tensors(monkeypatch):
+    from calrft_kernels import contrastive
+    x = torch.randn(4, 3)
+    assert torch.isfinite(contrastive_loss(x, x, torch.tensor(3.0), torch.tensor(-1.0)))
+    # the opt-out only concerns GPU tensors (the check is free on CPU tensors): still raises
+    monkeypatch.setattr(contrastive, "CHECK_DEVICE_SCALARS", False)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        contrastive_loss(x, x, torch.tensor(float("inf")))
