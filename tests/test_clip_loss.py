@@ -52,3 +52,18 @@ def test_open_clip_scale_parameter_as_passed_by_models():
 def test_horovod_is_refused_clearly():
     with pytest.raises(ValueError, match="use_horovod"):
         ClipLoss(use_horovod=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "triton", "reference"])
+def test_every_backend_matches_open_clip(backend):
+    image, text = features(37, 16, seed=3)
+    scale = torch.tensor(14.3, requires_grad=True)
+    ours = ClipLoss(backend=backend)(image, text, scale)
+    grads = torch.autograd.grad(ours, [image, text, scale])
+    image2, text2 = (x.detach().clone().requires_grad_() for x in (image, text))
+    scale2 = scale.detach().clone().requires_grad_()
+    theirs = open_clip.loss.ClipLoss()(image2, text2, scale2)
+    want = torch.autograd.grad(theirs, [image2, text2, scale2])
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-6)

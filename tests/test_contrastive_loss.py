@@ -11,7 +11,7 @@ import torch
 from calrft_kernels import contrastive_loss
 from calrft_kernels.reference import contrastive_loss_reference
 
-BACKENDS = ["cpu", "triton"]
+BACKENDS = ["cpu", "triton", "chunked"]
 OPTIONS = {
     "plain": {},
     "bias": {"bias": True},
