@@ -297,16 +297,16 @@ def test_ctrl_c_names_the_last_checkpoint(trees, tmp_path, capsys, monkeypatch):
         return real(self, batch)
     monkeypatch.setattr(Trainer, "train_step", step)
     out = tmp_path / "o"
-    line = fails(_train_argv(trees, out, "--save-every", "2", steps=6), capsys, status=130)
+    line = fails(_train_argv(trees, out, "--save-every", "2", steps=4), capsys, status=130)
     ckpt = out / "checkpoint.pt"
-    assert line == (f"calrft train: interrupted at step 3 of 6; the last checkpoint is step 2: {ckpt} "
+    assert line == (f"calrft train: interrupted at step 3 of 4; the last checkpoint is step 2: {ckpt} "
                     f"(continue with --resume {ckpt})")
     assert checkpoint.load(ckpt)["step"] == 2
     # resuming replays step 3: the log keeps one record per step
     monkeypatch.setattr(Trainer, "train_step", real)
-    assert cli.main(_train_argv(trees, out, "--save-every", "2", "--resume", str(ckpt), steps=6)) == 0
+    assert cli.main(_train_argv(trees, out, "--save-every", "2", "--resume", str(ckpt), steps=4)) == 0
     steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4]
 
 
 # ---- resume checks ----
