@@ -30,7 +30,7 @@ from .distributed import gather_no_grad, gather_with_grad, world
 
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
-           "check_weight", "CHECK_DEVICE_SCALARS"]
+           "check_weight", "global_batch", "with_rows", "CHECK_DEVICE_SCALARS"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
