@@ -69,6 +69,12 @@ TRAIN_HELP = {
     "stop_after": "stop (saving a checkpoint) after this many steps; continue with --resume",
     "progress": "progress bar on a terminal, plain lines otherwise",
 }
+# Where a command reads a setting differently from train.
+COMMAND_HELP = {
+    **{(c, "out"): "output folder (refused if it holds a run, unless --overwrite)" for c in ("eval", "wise-ft")},
+    **{(c, "train_folder"): "an ImageFolder tree whose folder names give the class names (instead of "
+                            "--classnames)" for c in ("eval", "wise-ft")},
+}
 EVAL_FIELDS = {"model", "pretrained", "cache_dir", "classnames", "templates", "id_eval", "ood_eval",
                "workers", "eval_batch_size", "device", "out", "train_folder", "overwrite"}
 
@@ -86,7 +92,7 @@ def add_config_flags(parser, command="train", cls=TrainConfig, only=None):
             suffix = ""
         else:
             suffix = f" (default: {default})"
-        help_text = TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + suffix
+        help_text = (COMMAND_HELP.get((command, f.name)) or TRAIN_HELP.get(f.name, f.name.replace("_", " "))) + suffix
         typ, _ = field_kind(f)
         if typ is bool:
             if f.name == "overwrite":
