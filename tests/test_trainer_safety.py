@@ -158,10 +158,10 @@ def test_cuda_without_a_gpu(trees, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_set_without_readable_images_fails_before_training(trees, run_copy, capsys, monkeypatch):
+def test_a_set_without_readable_images_fails_before_training(trees, run_copy, capsys, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", lambda *a: pytest.fail("trained before the check"))
     before = snapshot(run_copy)
-    for option in ("--id-eval", "--ood-eval"):
+    for option in ("--id-eval", "--ood-eval", "--train-folder"):
         argv = _train_argv(trees, run_copy, "--overwrite")
         argv[argv.index(option) + 1] = str(trees / "broken")
         line = fails(argv, capsys)

@@ -77,7 +77,9 @@ def check(cfg: TrainConfig, command: str, *, finetuned: str | None = None,
                              "accuracy along the sweep: it needs --id-eval and --ood-eval")
     if cfg.train_csv and not os.path.isfile(cfg.train_csv):
         raise ValueError(f"train_csv: no such file {cfg.train_csv!r}")
-    if cfg.train_folder and not os.path.isdir(cfg.train_folder):
+    if cfg.train_folder and command == "train":
+        check_image_folder(cfg.train_folder, "train_folder")
+    elif cfg.train_folder and not os.path.isdir(cfg.train_folder):
         raise ValueError(f"train_folder: no such folder {cfg.train_folder!r}")
     if cfg.classnames:
         check_classnames(cfg.classnames)
