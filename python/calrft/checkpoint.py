@@ -99,7 +99,8 @@ def atomic_save(obj, path) -> None:
                 if "write" in str(exc).lower():
                     raise OSError(errno.EIO, f"write failed ({exc})", str(path)) from exc
                 raise
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the mode any new file gets
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
