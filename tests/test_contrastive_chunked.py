@@ -182,3 +182,27 @@ def test_work_is_four_units_or_six_with_distillation(b, d, chunk, distill):
         loss.backward()
     unit = 2 * b * b * d
     assert counter.get_total_flops() == (6 if distill else 4) * unit, counter.get_flop_counts()
+
+
+@pytest.mark.parametrize("with_cols", [True, False])
+@pytest.mark.parametrize("teacher", [False, True])
+def test_reference_backward_formula_equals_autograd_of_the_reference(teacher, with_cols):
+    """reference.contrastive_stats_backward_reference (the "reference" kernel's backward, an
+    explicit formula) against autograd through the forward reference (the tests' ground truth)."""
+    from calrft_kernels.reference import contrastive_stats_grads_reference
+    gen = torch.Generator().manual_seed(4)
+    m, n, d = 13, 11, 5
+    q, k = (torch.randn(x, d, generator=gen, dtype=torch.float64) for x in (m, n))
+    scale, bias = torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    t = ([torch.randn(m, 4, generator=gen, dtype=torch.float64),
+          torch.randn(n, 4, generator=gen, dtype=torch.float64),
+          torch.tensor(2.0, dtype=torch.float64)] if teacher else [None, None, None])
+    r = 3 if teacher else 1
+    g = torch.randn(r, m, generator=gen, dtype=torch.float64)
+    h = torch.randn(r, n if with_cols else 0, generator=gen, dtype=torch.float64)
+    dq_u, dk_u = contrastive_stats_backward_reference(g, h, q, k, scale, bias, *t,
+                                                      with_cols=with_cols)
+    dq, dk, _, _ = contrastive_stats_grads_reference(q, k, scale, bias, *t, grad_row=g,
+                                                     grad_col=h, with_cols=with_cols)
+    torch.testing.assert_close(dq_u * scale, dq, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dk_u * scale, dk, rtol=1e-12, atol=1e-12)

@@ -246,3 +246,14 @@ def test_teacher_dtype_may_differ_from_student():
     atol = 2e-6 * _bound(ref)
     torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=atol)
     torch.testing.assert_close(cols.double(), ref_cols, rtol=1e-5, atol=atol)
+
+
+def test_autotuning_key_buckets_batch_sizes():
+    """A new batch size in a tuned power-of-two bucket reuses the tuned configuration (first
+    call <= 1 s on a GPU): the key holds the buckets, not M and N."""
+    from calrft_kernels.triton import contrastive as tc
+    assert [tc._bucket(x) for x in (1, 2, 3, 4096, 4097, 24576, 32768)] == [
+        1, 2, 4, 4096, 8192, 32768, 32768]
+    for tuner in (tc._stats_fwd, tc._stats_bwd):
+        assert "M_BUCKET" in tuner.keys and "N_BUCKET" in tuner.keys
+        assert "M" not in tuner.keys and "N" not in tuner.keys

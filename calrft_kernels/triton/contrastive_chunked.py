@@ -6,9 +6,9 @@ cuBLAS into an fp32 [C, N] buffer; these two kernels are the single pass over th
   chunk_stats  reads X (and T) once; every program owns one [BLOCK_M, BLOCK_N] tile and writes
                its row partials (max, sum-exp; with a teacher also the teacher's max, sum-exp
                and softmax(T)-weighted sum of S) per column tile, and its column partials per
-               row tile. The small partial arrays (~5% of the buffer at the shipped 64 x 128 tile) are
-               merged with log-add-exp in torch (chunked.reduce_partials): no atomics, no locks,
-               deterministic.
+               row tile. The small partial arrays (~5% of the buffer at the shipped 64 x 128
+               tile) are merged with log-add-exp in torch (chunked.reduce_partials): no
+               atomics, no locks, deterministic.
   chunk_ds     turns the buffer into dS = g0 e^(S - r0) + h0 e^(S - c0) (+ teacher terms),
                times a power-of-two factor, written in the operands' dtype for the backward
                GEMMs (in place when that dtype is fp32).
