@@ -19,8 +19,10 @@ $(STAMP): $(SOURCES)
 
 setup: $(STAMP)
 
+# Each `make demo` writes a fresh folder runs/demo/<timestamp>: a later run never replaces an
+# earlier one's results (calrft refuses a folder that already holds a run).
 demo: $(STAMP)
-	$(VENV)/bin/calrft demo --out runs/demo
+	$(VENV)/bin/calrft demo --out runs/demo/$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
