@@ -7,6 +7,7 @@ import torch
 from calrft_kernels import _backend, testing
 from calrft_kernels.eigen import covariance_sigma_min, smallest_singular_value
 from calrft_kernels.orthogonality import orthogonality_loss
+from calrft_kernels.reference import covariance_reference
 
 
 def _native():
@@ -21,9 +22,7 @@ def features(b, d, mean=50.0, dtype=torch.float32, kappa_sqrt=1e2):
 
 
 def ref_lambda_min(z, correction=1):
-    z64 = z.double()
-    zc = z64 - z64.mean(0)
-    return torch.linalg.eigvalsh(zc.T @ zc / (z.shape[0] - correction))[0]
+    return torch.linalg.eigvalsh(covariance_reference(z.double(), correction)[0])[0]
 
 
 @pytest.mark.parametrize("b,d", [(3, 1), (5, 2), (300, 64), (1100, 257)])
@@ -60,9 +59,7 @@ def test_solver_on_features_finds_the_exact_covariance_eigenvalue(b, d, p):
     formed): from any start block it converges to float64 eigvalsh of that Sigma."""
     z = features(b, d, mean=3.0)
     x, _ = torch.linalg.qr(torch.randn(d, p, dtype=torch.float64))
-    z64 = z.double()
-    mean = z64.mean(0)
-    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
+    sigma, mean = covariance_reference(z.double(), 1)
     delta = 1e-7 * float(sigma.diagonal().max())
     factor = torch.linalg.cholesky(sigma.float() + delta * torch.eye(d))
     out = _native().refine_covariance_eig_cpu(
@@ -82,10 +79,8 @@ def test_exact_covariance_product_matches_fp64(b, d, k):
     """The refinement's Sigma W from z (never formed) against float64: the one-column path
     (k < 4, column by column along rows of z) and the 8-wide register tiles (k >= 4, padded)."""
     z = features(b, d, mean=30.0)
-    z64 = z.double()
-    mean = z64.mean(0)
     correction = 0.0 if b == 1 else 1.0
-    sigma = (z64 - mean).T @ (z64 - mean) / (b - correction)
+    sigma, mean = covariance_reference(z.double(), correction)
     w = torch.randn(d, k, dtype=torch.float64)
     out = testing.spectral_hooks().covariance_times_cpu(z, mean, w, correction)
     ref = sigma @ w
@@ -97,9 +92,7 @@ def _refinement_problem(b=1031, d=40):
     """fp32 features, their mean and exact covariance (fp64), the solver's shift, and a random
     orthonormal start block of 8 columns for refine_covariance_eig_cpu."""
     z = features(b, d, mean=3.0)
-    z64 = z.double()
-    mean = z64.mean(0)
-    sigma = (z64 - mean).T @ (z64 - mean) / (b - 1)
+    sigma, mean = covariance_reference(z.double(), 1)
     delta = 1e-7 * float(sigma.diagonal().max())
     x, _ = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))
     return z, mean, sigma, delta, x
