@@ -241,7 +241,7 @@ def table(results, sizes):
                         if naive and method == "fused+distill" else "")
             bound = ""
             if unit and method in ("fused", "chunked", "fused+distill"):
-                units = 4 if method == "fused" else 6
+                units = 6 if method == "fused+distill" else 4
                 bound = f"{r['seconds'] / (unit * units / 3):.2f}x of {units}-unit"
                 bound += " (unit extrapolated)" if extrapolated else ""
             name = method if method != "unit" else "unit (1 product + bwd = 3 units)"
