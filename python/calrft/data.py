@@ -293,3 +293,135 @@ def report_skipped(skipped, seen: set | None = None, logger=log):
                 continue
             seen.add(s.path)
         logger.warning("skipped unreadable image %s (%s)", s.path, s.reason)
+
+
+# ---- WebDataset tar shards (streamed training input) ---------------------------------------------
+
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")   # what img2dataset / open_clip's tools write
+
+
+def _wds():
+    try:
+        import webdataset
+    except ImportError:  # pragma: no cover - a requirement
+        raise ValueError("train_data: WebDataset input needs the webdataset package "
+                         "(pip install webdataset)") from None
+    return webdataset
+
+
+class WebDatasetCaptions(torch.utils.data.IterableDataset):
+    """Training pairs streamed from WebDataset tar shards: one sample per key, the image under
+    jpg / jpeg / png / webp, the caption under txt, an optional integer label under cls (as
+    img2dataset and open_clip write them).
+
+    Each epoch shuffles the shard list by (seed, epoch); rank r of `world` takes shards r, r +
+    world, ... and each loader worker a disjoint part of those, so ranks and workers never read the
+    same sample. A rank's stream cycles through its shards, so every rank yields the same number
+    of batches (a process-group loss needs that); an epoch is `steps_per_epoch` batches. Samples
+    are shuffled in a seeded buffer and augmented with seeds from (seed, epoch, key), so an epoch
+    is the same stream for the same rank layout and worker count (resuming skips the epoch's first
+    batches). A sample that cannot be decoded, or a corrupt tar member, is skipped and reported
+    (Skipped, "url#key") with the next batch; the batch is filled from the following samples."""
+
+    def __init__(self, urls, transform=None, seed=0, shuffle_buffer=256):
+        wds = _wds()
+        expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+        if not expanded:
+            raise ValueError(f"train_data: {urls!r} names no shards")
+        missing = [u for u in expanded if "://" not in u and not os.path.isfile(u)]
+        if missing:
+            raise ValueError(f"train_data: no such shard {missing[0]!r} ({len(missing)} of "
+                             f"{len(expanded)} missing)")
+        self.urls, self.transform, self.seed = expanded, transform, seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch, self.rank, self.world = 0, 0, 1
+
+    def for_rank(self, epoch: int, rank: int, world: int) -> "WebDatasetCaptions":
+        """This rank's stream of one epoch (a shallow copy)."""
+        import copy
+        part = copy.copy(self)
+        part.epoch, part.rank, part.world = epoch, rank, world
+        return part
+
+    def shards(self, worker: int = 0, workers: int = 1) -> list:
+        """The shards this rank's `worker` reads this epoch."""
+        import random
+        order = list(self.urls)
+        random.Random(sample_seed(self.seed, self.epoch, 2**31 - 2)).shuffle(order)
+        return order[self.rank::self.world][worker::workers]
+
+    def _decode(self, sample):
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        where = f"{url}#{key}"
+        try:
+            raw = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
+            if raw is None:
+                raise ValueError(f"no image ({'/'.join(WDS_IMAGE_KEYS)}) in keys {sorted(sample)}")
+            if "txt" not in sample:
+                raise ValueError(f"no caption (txt) in keys {sorted(sample)}")
+            import io
+
+            from PIL import Image
+            with Image.open(io.BytesIO(raw)) as img:
+                image = img.convert("RGB")
+            s = int(np.random.SeedSequence([self.seed, self.epoch, *key.encode()]).generate_state(1)[0])
+            image = seeded_transform(self.transform, image, s)
+            caption = sample["txt"].decode("utf-8").strip()
+            label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+            return image, caption, label
+        except Exception as exc:  # PIL raises many types for corrupt images
+            return Skipped(where, f"{type(exc).__name__}: {exc}")
+
+    def __iter__(self):
+        import random
+        wds = _wds()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.shards(worker, workers)
+        if not mine:
+            raise ValueError(f"train_data: {len(self.urls)} shards cannot feed {self.world} ranks x "
+                             f"{workers} loader workers; use more shards or fewer --workers")
+        rng = random.Random(sample_seed(self.seed, self.epoch, 10**6 * self.rank + worker))
+        errors = []
+
+        def handler(exc):  # a corrupt tar member: count it, go on
+            errors.append(Skipped("?", f"{type(exc).__name__}: {exc}"))
+            return True
+
+        def samples():
+            while True:  # cycle: every rank yields as many batches as the others
+                count = 0
+                for sample in wds.tarfile_samples([{"url": u} for u in mine], handler=handler):
+                    count += 1
+                    yield sample
+                if count == 0:
+                    raise ValueError(f"train_data: shards {mine[:3]} hold no samples")
+
+        buffer, skipped = [], []
+        for sample in samples():
+            item = self._decode(sample)
+            skipped += errors
+            errors.clear()
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            buffer.append(item)
+            if len(buffer) < self.shuffle_buffer:
+                continue
+            image, caption, label = buffer.pop(rng.randrange(len(buffer)))
+            yield image, caption, label, skipped
+            skipped = []
+
+
+def webdataset_loader(dataset: WebDatasetCaptions, tokenizer, *, global_batch, rank=0, world=1,
+                      epoch=0, start_step=0, steps_per_epoch=1, workers=2):
+    """Batches of this rank's share (global_batch / world rows) of epoch `epoch`, from batch
+    `start_step` to `steps_per_epoch` (earlier ones are read and dropped, so a resumed epoch
+    continues the same stream)."""
+    import itertools
+    if global_batch % world:
+        raise ValueError(f"batch_size: {global_batch} is not divisible by the world size {world}")
+    loader = DataLoader(dataset.for_rank(epoch, rank, world), batch_size=global_batch // world,
+                        num_workers=workers, collate_fn=CaptionCollate(tokenizer),
+                        generator=torch.Generator().manual_seed(dataset.seed + epoch))
+    return itertools.islice(loader, start_step, steps_per_epoch)

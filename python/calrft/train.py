@@ -71,6 +71,8 @@ def build_data(cfg: TrainConfig, train_tf, eval_tf):
     if cfg.train_folder:
         train_set = data.ImageFolderCaptions(cfg.train_folder, train_tf, templates, cfg.seed)
         classnames = train_set.classnames
+    elif cfg.train_data:
+        train_set = data.WebDatasetCaptions(cfg.train_data, train_tf, seed=cfg.seed)
     elif cfg.train_csv:
         train_set = data.CsvCaptions(cfg.train_csv, train_tf, cfg.csv_image_key, cfg.csv_caption_key,
                                      cfg.csv_label_key, seed=cfg.seed)
@@ -127,7 +129,7 @@ class Trainer:
                                                                 cfg.cache_dir)
             train_set, eval_sets, classnames = build_data(cfg, train_tf, eval_tf)
         if train_set is None:
-            raise ValueError("train data: give --train-csv or --train-folder")
+            raise ValueError("train data: give --train-csv, --train-folder or --train-data")
         self.clip, self.tokenizer = model.to(self.device), tokenizer
         self.train_set, self.eval_sets = train_set, eval_sets or []
         self.classnames = classnames
@@ -163,9 +165,14 @@ class Trainer:
                                      device=self.device, precision=cfg.precision,
                                      micro_batch_size=cfg.micro_batch_size, scaler=self.scaler)
 
-        self.sampler_args = dict(n=len(train_set), global_batch=cfg.batch_size, rank=self.rank,
-                                 world=self.world, seed=cfg.seed)
-        self.steps_per_epoch = data.GlobalBatchSampler(**self.sampler_args).steps_per_epoch()
+        self.streamed = isinstance(train_set, data.WebDatasetCaptions)
+        self.sampler_args = dict(n=0 if self.streamed else len(train_set), global_batch=cfg.batch_size,
+                                 rank=self.rank, world=self.world, seed=cfg.seed)
+        if self.streamed:  # a stream has no length: an epoch is --train-num-samples (or the run)
+            self.steps_per_epoch = (max(1, cfg.train_num_samples // cfg.batch_size)
+                                    if cfg.train_num_samples else cfg.steps)
+        else:
+            self.steps_per_epoch = data.GlobalBatchSampler(**self.sampler_args).steps_per_epoch()
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(self.student, cfg.lr, cfg.weight_decay)
         warmup = min(cfg.warmup, max(0, self.total_steps - 1))
@@ -221,6 +228,16 @@ class Trainer:
         self.step = state["step"]
         self.saved = (self.step, str(path))
         checkpoint.set_rng_state(state["rng"])
+
+    def epoch_loader(self, epoch: int, start: int):
+        """This rank's batches of `epoch` from batch `start` on (index sets: the global-batch
+        sampler; WebDataset shards: the rank's stream)."""
+        if self.streamed:
+            return data.webdataset_loader(self.train_set, self.tokenizer, global_batch=self.cfg.batch_size,
+                                          rank=self.rank, world=self.world, epoch=epoch, start_step=start,
+                                          steps_per_epoch=self.steps_per_epoch, workers=self.cfg.workers)
+        sampler = data.GlobalBatchSampler(**self.sampler_args, epoch=epoch, start_step=start)
+        return data.train_loader(self.train_set, self.tokenizer, sampler, self.cfg.workers)
 
     # ---- one step ----
     def autocast(self):
@@ -292,8 +309,7 @@ class Trainer:
         mark, shown = (time.perf_counter(), self.step), {}
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
-            sampler = data.GlobalBatchSampler(**self.sampler_args, epoch=epoch, start_step=start)
-            loader = data.train_loader(self.train_set, self.tokenizer, sampler, cfg.workers)
+            loader = self.epoch_loader(epoch, start)
             for batch in loader:
                 data.report_skipped(batch["skipped"], self.seen_bad)
                 terms = self.train_step(batch)
