@@ -7,7 +7,17 @@ soft targets), split into student forward/backward, teacher forward and loss.
 Timing: both losses run interleaved in one process, medians over --reps steps. Peak memory: each
 (loss, batch) runs a few steps in its own subprocess and reports the growth of peak RSS over the
 RSS after set-up (CPU tensors are invisible to tracemalloc/CUDA counters), for a whole step and
-for the loss alone on random features of the same shapes."""
+for the loss alone on random features of the same shapes.
+
+--cached: large-batch training with feature caching (calrft.step, --micro-batch-size): samples/s
+and peak memory of whole CaRot steps (student + EMA teacher, AdamW) against the global batch at a
+fixed micro-batch, the fused CaRotLoss vs the naive loss (calrft_kernels.reference's
+naive_carot_loss plus the same parameter terms) under the same caching. Model: a smaller open_clip
+CLIP than calrft-tiny (`bench_model`: 16 px images, patch 8, width 32, one layer a tower, embed
+64) so that 16384-row steps take seconds on a CPU; one child process per (loss, batch):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_train_step.py --cached \
+        --micro 256 --batches 256,1024,4096,16384 --reps 2"""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +155,116 @@ def peak_memory(kind, name, batch, steps=2):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
 
 
+# ---- feature-cached steps (--cached) ------------------------------------------------------------
+
+def bench_model(embed_dim=64):
+    """The --cached benchmark's CPU model (random init): open_clip CLIP, 16 px / patch 8 / width 32
+    / 1 layer vision, context 8 / width 32 / 1 layer text."""
+    import open_clip
+    return open_clip.CLIP(embed_dim, {"image_size": 16, "patch_size": 8, "width": 32, "head_width": 16,
+                                      "layers": 1},
+                          {"context_length": 8, "vocab_size": 512, "width": 32, "heads": 2, "layers": 1})
+
+
+class NaiveCaRot(torch.nn.Module):
+    """CaRotLoss's interface over the naive loss (calrft_kernels.reference.naive_carot_loss: B x B
+    logits both ways and the teacher's soft targets materialised) plus the same orthogonality and
+    cross terms, so the cached step runs either loss unchanged."""
+
+    def __init__(self, distill_weight=1.5, orth_weight=0.2, cross_weight=0.05):
+        super().__init__()
+        self.distill_weight, self.orth_weight, self.cross_weight = distill_weight, orth_weight, cross_weight
+
+    def forward(self, img, txt, scale, *, visual_proj, text_proj, teacher_image_features=None,
+                teacher_text_features=None, teacher_logit_scale=None, labels=None, output_dict=False):
+        from calrft_kernels.reference import naive_carot_loss
+        if teacher_image_features is None:
+            teacher_image_features, teacher_text_features, teacher_logit_scale = img.detach(), txt.detach(), scale
+        loss = naive_carot_loss(img, txt, scale, teacher_image_features, teacher_text_features,
+                                teacher_logit_scale, distill_weight=self.distill_weight)
+        eye = torch.eye(visual_proj.shape[1], device=visual_proj.device, dtype=visual_proj.dtype)
+        oc = torch.linalg.matrix_norm(visual_proj.T @ visual_proj - eye)
+        cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)
+        total = loss + self.orth_weight * oc + self.cross_weight * cf
+        return {"total": total} if output_dict else total
+
+
+def cached_setup(loss_name, batch, micro, *, model_fn=bench_model, device="cpu", precision="auto",
+                 grad_checkpointing=False, seed=0):
+    """(stepper, optimizer, batch dict) of a CaRot step with feature caching at `micro` rows."""
+    from calrft import step as steps
+    torch.manual_seed(seed)
+    model = model_fn().to(device)
+    if grad_checkpointing:
+        models.set_grad_checkpointing(model)
+    teacher = ema.make_teacher(model)
+    loss = CaRotLoss() if loss_name == "fused" else NaiveCaRot()
+    stepper = steps.Stepper("carot", student=model, teacher=teacher, device=device, precision=precision,
+                            objective=steps.Objective("carot", loss), micro_batch_size=micro,
+                            scaler=steps.make_scaler(precision, device))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    g = torch.Generator().manual_seed(seed)
+    data_ = {"images": torch.randn(batch, 3, size, size, generator=g).to(device),
+             "texts": torch.randint(1, model.vocab_size - 1, (batch, model.context_length), generator=g).to(device),
+             "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+    model.train()
+    return stepper, opt, data_
+
+
+def cached_step(stepper, opt, batch) -> float:
+    """One optimiser step; seconds (the loss is read, which synchronises a GPU)."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    terms = stepper.forward_backward(batch, use_teacher=True)
+    if stepper.scaler is not None:
+        stepper.scaler.step(opt)
+        stepper.scaler.update()
+    else:
+        opt.step()
+    float(terms["loss"])
+    return time.perf_counter() - t0
+
+
+def cached_child(loss_name, batch, micro, reps):
+    """CPU: warm up at 8 rows (the ops' first call initialises), reset the RSS high-water mark,
+    run 1 + reps steps; median seconds of the timed ones and the peak RSS growth."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    stepper, opt, data_ = cached_setup(loss_name, 8, 4)
+    cached_step(stepper, opt, data_)
+    del stepper, opt, data_
+    stepper, opt, data_ = cached_setup(loss_name, batch, micro)
+    base = reset_peak_rss()
+    times = [cached_step(stepper, opt, data_) for _ in range(1 + reps)][1:]
+    step_s = statistics.median(times)
+    print(json.dumps({"step_s": step_s, "samples_per_s": batch / step_s,
+                      "peak_growth_mib": peak_rss_mib() - base}))
+
+
+def run_cached(batches, micro, reps, naive_max):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, micro-batch {micro}, reps={reps}")
+    print("| global batch | loss | step s | samples/s | peak RSS growth MiB |\n|---|---|---|---|---|", flush=True)
+    rows = []
+    for batch in batches:
+        for name in ("fused", "naive"):
+            if name == "naive" and batch > naive_max:
+                print(f"| {batch} | naive | not run (> --naive-max {naive_max}: B x B logits) | | |", flush=True)
+                continue
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+            out = subprocess.run([sys.executable, __file__, "--child", f"cached:{name}", "--batches", str(batch),
+                                  "--micro", str(micro), "--reps", str(reps)], capture_output=True, text=True,
+                                 env=env)
+            if out.returncode != 0:
+                print(f"| {batch} | {name} | FAILED: {out.stderr.strip().splitlines()[-1][:80]} | | |", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"batch": batch, "loss": name, "micro": micro, **r})
+            print(f"| {batch} | {name} | {r['step_s']:.3f} | {r['samples_per_s']:.0f} | "
+                  f"{r['peak_growth_mib']:.1f} |", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="256,1024,4096")
@@ -152,11 +272,22 @@ def main():
     ap.add_argument("--child", default=None)
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--memory-only", action="store_true", help="skip the timing")
+    ap.add_argument("--cached", action="store_true", help="feature-cached steps against the global batch")
+    ap.add_argument("--micro", type=int, default=256, help="--cached: rows per micro-batch")
+    ap.add_argument("--naive-max", type=int, default=8192, help="--cached: largest batch for the naive loss")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
         kind, name = args.child.split(":")
+        if kind == "cached":
+            return cached_child(name, batches[0], args.micro, args.reps)
         return peak_memory_child(kind, name, batches[0], args.reps)
+    if args.cached:
+        rows = run_cached(batches, args.micro, args.reps, args.naive_max)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, reps={args.reps}")
     header = ("| batch | loss | step ms | student fwd+bwd ms | teacher fwd ms | loss fwd+bwd ms | "
               "loss share | step peak RSS growth MiB | loss peak RSS growth MiB |")
