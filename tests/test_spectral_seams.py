@@ -217,3 +217,43 @@ def test_opcheck_spectral_ops():
     w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
     _opcheck(eigen._gram_eig_op, (w, 1e-10, 1.0))
     _opcheck(orthogonality._orth_op, (w, 1.0))
+
+
+# ---- the CUDA solver's host-side building blocks, run on CPU tensors -----------------------
+
+@pytest.mark.skipif(not NATIVE, reason="native extension not built")
+def test_cuda_davidson_blocks_on_cpu_tensors():
+    """csrc/cuda/davidson_blocks.h is plain ATen (the GPU loop's thin GEMMs, solves and basis
+    updates): compiled into the CPU build's test hooks, it runs here on CPU tensors."""
+    hooks = testing.spectral_hooks()
+    g = torch.Generator().manual_seed(2)
+    d, m, k = 70, 16, 8
+    v, _ = torch.linalg.qr(torch.randn(d, m, dtype=torch.float64, generator=g))
+    w = torch.randn(d, k, dtype=torch.float64, generator=g)
+    w[:, 1] = v[:, 3]                                      # a column inside span(V)
+    ext = hooks.davidson_blocks_extension(v, w)
+    basis = torch.cat([v, ext], 1)
+    eye = torch.eye(m + k, dtype=torch.float64)
+    assert float((basis.T @ basis - eye).abs().max()) < 1e-12
+    a = torch.randn(d, d, dtype=torch.float64, generator=g)
+    a = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a).float()
+    r = torch.randn(d, 3, dtype=torch.float64, generator=g)
+    got = hooks.davidson_blocks_precondition(factor, r)
+    ref = torch.cholesky_solve(r, factor.double())
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    # one basis update with a thick restart: m + blk > mmax -> keep the `keep` lowest Ritz
+    # vectors, then extend by blk directions; V stays orthonormal and AV = A V
+    mmax, blk, keep = 24, 8, 16
+    V = torch.zeros(d, mmax, dtype=torch.float64)
+    AV = torch.zeros_like(V)
+    V[:, :mmax - 4] = torch.linalg.qr(torch.randn(d, mmax - 4, dtype=torch.float64,
+                                                  generator=g))[0]
+    AV[:, :mmax - 4] = a @ V[:, :mmax - 4]
+    h = V[:, :mmax - 4].T @ AV[:, :mmax - 4]
+    _, y = torch.linalg.eigh((h + h.T) / 2)
+    V2, AV2, m2 = hooks.davidson_blocks_update(a, V, AV, mmax - 4, y.contiguous(), w, blk, keep)
+    assert m2 == keep + blk
+    vb = V2[:, :m2]
+    assert float((vb.T @ vb - torch.eye(m2, dtype=torch.float64)).abs().max()) < 1e-12
+    assert float((AV2[:, :m2] - a @ vb).abs().max()) < 1e-12

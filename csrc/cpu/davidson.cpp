@@ -24,6 +24,9 @@
 #include "common/registry.h"
 #include "cpu/dense_blocks.h"
 #include "common/spectral_math.h"
+// The CUDA solver's host-side building blocks are plain ATen: included here only so that the
+// test hooks below run them on CPU tensors (their GPU launches cannot run on CI machines).
+#include "cuda/davidson_blocks.h"
 
 namespace calrft {
 namespace {
@@ -759,6 +762,30 @@ bool factor_fits_cpu(const at::Tensor& l_in, const at::Tensor& x_in, double thet
                      scratch);
 }
 
+// The CUDA Davidson loop's ATen building blocks (cuda/davidson_blocks.h) for tests, on any
+// device: the orthonormal extension of W against V, the preconditioner application, and one
+// basis update (restart + extension) returning (V, AV, m).
+at::Tensor davidson_blocks_extension(const at::Tensor& v, const at::Tensor& w) {
+  TORCH_CHECK(v.dim() == 2 && w.dim() == 2 && v.size(0) == w.size(0), "v [d, m], w [d, k]");
+  return davidson_blocks::orthonormal_extension(v, w);
+}
+at::Tensor davidson_blocks_precondition(const at::Tensor& factor, const at::Tensor& r) {
+  TORCH_CHECK(factor.dim() == 2 && r.dim() == 2 && factor.size(0) == r.size(0) &&
+              factor.size(1) == factor.size(0), "factor [d, d], r [d, k]");
+  return davidson_blocks::precondition(factor.to(at::kFloat), r.to(at::kDouble));
+}
+std::tuple<at::Tensor, at::Tensor, int64_t> davidson_blocks_update(
+    const at::Tensor& a, const at::Tensor& v_in, const at::Tensor& av_in, int64_t m,
+    const at::Tensor& y, const at::Tensor& w, int64_t blk, int64_t keep) {
+  TORCH_CHECK(a.dim() == 2 && v_in.dim() == 2 && av_in.sizes() == v_in.sizes() &&
+              v_in.size(0) == a.size(0) && m >= 1 && m <= v_in.size(1) && keep <= m &&
+              y.dim() == 2 && y.size(0) == m && y.size(1) >= keep && w.dim() == 2 &&
+              w.size(0) == a.size(0) && w.size(1) >= blk, "shape mismatch");
+  at::Tensor v = v_in.clone(), av = av_in.clone();
+  const int64_t out = davidson_blocks::update_basis(a, v, av, m, y, w, blk, keep);
+  return {v, av, out};
+}
+
 // The preconditioner's Cholesky for tests: (L with zeros above, ok) on `threads` threads.
 std::tuple<at::Tensor, bool> cholesky_cpu(const at::Tensor& a_in, int64_t threads) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == a_in.size(1), "a must be square");
@@ -802,6 +829,12 @@ void register_davidson_cpu(pybind11::module_& m) {
   t.def("cholesky_cpu", &cholesky_cpu, "the preconditioner's blocked fp32 Cholesky");
   t.def("covariance_times_cpu", &covariance_times_cpu,
         "Sigma w from fp32 features and their mean, never forming Sigma");
+  t.def("davidson_blocks_extension", &davidson_blocks_extension,
+        "cuda/davidson_blocks.h orthonormal_extension, on any device");
+  t.def("davidson_blocks_precondition", &davidson_blocks_precondition,
+        "cuda/davidson_blocks.h precondition, on any device");
+  t.def("davidson_blocks_update", &davidson_blocks_update,
+        "cuda/davidson_blocks.h update_basis -> (V, AV, m), on any device");
   t.def("factor_fits_cpu", &factor_fits_cpu,
         "the stale-factor policy's fit test (common/spectral_math.h) on (factor, x, theta, delta)");
 }
