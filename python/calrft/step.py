@@ -20,7 +20,8 @@ what one graph fits:
      replays the masks of pass 1, so the features are the ones the loss saw), backward with its
      slice of the feature gradients (the scale's gradient with the last micro-batch). Under DDP
      every micro-batch but the last runs under no_sync, so gradients are all-reduced once.
-Peak memory: one micro-batch's activations plus O(B d) features and loss state. The random state
+Peak memory: one micro-batch's activations plus O(B d) features and loss state; the batch itself
+may stay on the host (each micro-batch is moved to the device when it runs). The random state
 after the step is the one pass 1 left, as if the student had run once.
 
 --method ft has no batch-coupled loss: cross-entropy is a per-sample mean, so micro-batch
@@ -177,6 +178,9 @@ class Stepper:
         else:
             loss.backward()
 
+    def _to(self, x):
+        return x.to(self.device, non_blocking=True)
+
     def _sync(self, last: bool):
         """DDP reduces gradients in the backward of the last micro-batch only."""
         no_sync = getattr(self.wrapped, "no_sync", None)
@@ -191,13 +195,13 @@ class Stepper:
     def forward_backward(self, batch, *, use_teacher: bool = True) -> dict:
         """Gradients of the step's loss into the parameters; {term: detached 0-d tensor} with
         "loss" (the total). use_teacher: distil from the teacher (CaRot starts after step 0)."""
-        images = batch["images"].to(self.device, non_blocking=True)
+        images, texts = batch["images"], batch.get("texts")
         labels = batch["labels"].to(self.device, non_blocking=True)
-        texts = batch.get("texts")
-        if texts is not None:
-            texts = texts.to(self.device, non_blocking=True)
         use_teacher = use_teacher and self.teacher is not None and self.method == "carot"
         parts = spans(images.shape[0], self.micro_batch_size)
+        if len(parts) == 1:  # the cached steps move each micro-batch (the batch may not fit)
+            images = self._to(images)
+            texts = None if texts is None else self._to(texts)
         if self.method == "ft":
             terms = self._ft(images, labels, parts)
         elif len(parts) == 1:
@@ -212,7 +216,7 @@ class Stepper:
         for k, (lo, hi) in enumerate(parts):
             with self._sync(k == len(parts) - 1):
                 with self.autocast():
-                    logits = self.wrapped(images[lo:hi])
+                    logits = self.wrapped(self._to(images[lo:hi]))
                 logits = logits if logits.dtype == torch.float64 else logits.float()
                 loss = F.cross_entropy(logits, labels[lo:hi], reduction="sum") / n
                 self._backward(loss)
@@ -234,12 +238,13 @@ class Stepper:
         with torch.no_grad():
             for lo, hi in parts:
                 states.append(self.rng.capture())
+                x, y = self._to(images[lo:hi]), self._to(texts[lo:hi])
                 with self.autocast():
-                    i, t, scale = self.student(images[lo:hi], texts[lo:hi])[:3]
+                    i, t, scale = self.student(x, y)[:3]
                 img.append(i)
                 txt.append(t)
                 if use_teacher:
-                    ti, tt, t_scale = self._teacher(images[lo:hi], texts[lo:hi])
+                    ti, tt, t_scale = self._teacher(x, y)
                     t_img.append(ti)
                     t_txt.append(tt)
         after = self.rng.capture()
@@ -259,7 +264,7 @@ class Stepper:
             self.rng.restore(states[k])
             with self._sync(last):
                 with self.autocast():
-                    i, t, s = self.wrapped(images[lo:hi], texts[lo:hi])[:3]
+                    i, t, s = self.wrapped(self._to(images[lo:hi]), self._to(texts[lo:hi]))[:3]
                 outputs, grads = [i, t], [g_img[lo:hi], g_txt[lo:hi]]
                 if last:
                     outputs.append(s)
