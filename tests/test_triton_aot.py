@@ -35,8 +35,64 @@ def _signature(kernel_name, op):
     else:
         outputs = {"grad_row_ptr": "*fp32", "grad_col_ptr": "*fp32", "row_ptr": "*fp32",
                    "col_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32"}
-    sizes = {"M": "i32", "N": "i32", "D": "i32", "DT": "i32"}
+    sizes = {"M": "i32", "N": "i32", "D": "i32", "DT": "i32", "M_BUCKET": "i32",
+             "N_BUCKET": "i32"}
     return {**operands, **scalars, **outputs, **sizes}
+
+
+# The chunked kernel's fused passes (calrft_kernels/triton/contrastive_chunked.py): one shipped
+# configuration each, fp32 buffers; dS is written in every operand dtype.
+CHUNK_DS_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _chunk_signature(kernel_name, ds_dtype="fp32"):
+    common = {"x_ptr": "*fp32", "t_ptr": "*fp32"}
+    scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "tscale_ptr": "*fp32"}
+    if kernel_name == "stats":
+        return {**common, **scalars, "row_part_ptr": "*fp32", "col_part_ptr": "*fp32",
+                "C": "i32", "N": "i32"}
+    vectors = {name: "*fp32" for name in ("g0_ptr", "r0_ptr", "g2_ptr", "r1_ptr", "h0_ptr",
+                                          "c0_ptr", "h2_ptr", "c1_ptr")}
+    return {**common, "ds_ptr": "*" + ds_dtype, **scalars, **vectors, "factor": "fp32",
+            "C": "i32", "N": "i32"}
+
+
+def _chunk_jobs():
+    jobs = []
+    for teacher, with_cols in VARIANTS:
+        jobs.append(("chunk:stats", 0, "fp32", "ieee", teacher, with_cols))
+        for ds_dtype in CHUNK_DS_DTYPES:
+            jobs.append(("chunk:ds", 0, ds_dtype, "ieee", teacher, with_cols))
+    return jobs
+
+
+def compile_chunk(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from calrft_kernels.triton import contrastive_chunked as mod
+
+    kernel_name, ci, op, precision, teacher, with_cols = job
+    name = kernel_name.split(":")[1]
+    fn = mod.KERNELS[name]
+    cfg = mod.CONFIGS[name]
+    sig = _chunk_signature(name, op)
+    constexprs = {"HAS_TEACHER": teacher, "WITH_COLS": with_cols, **cfg.kwargs}
+    signature = {**sig, **{c: "constexpr" for c in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+             if sig[a].startswith("*") or a in ("C", "N")}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
+                                                      compiled.metadata.name)
+    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, BLOCK_D="-",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=op,
+                precision=precision, teacher=teacher, with_cols=with_cols,
+                ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
+                regs=regs, shared=compiled.metadata.shared + static_smem, spill_local=local,
+                stack=stack, wgmma=False, mma=False)
 
 
 def _resource_usage(cubin: bytes, name: str):
@@ -75,6 +131,8 @@ def _jobs(full):
 
 
 def compile_one(job):
+    if job[0].startswith("chunk:"):
+        return compile_chunk(job)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -105,7 +163,7 @@ def compile_one(job):
 
 def compile_all(full=False, workers=2):
     from concurrent.futures import ProcessPoolExecutor
-    jobs = _jobs(full)
+    jobs = _jobs(full) + _chunk_jobs()
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(compile_one, jobs))
 
@@ -130,7 +188,10 @@ def _run_subprocess():
 
 def test_every_shipped_config_compiles_for_sm90():
     from calrft_kernels.triton import contrastive as mod
-    records = _run_subprocess()
+    all_records = _run_subprocess()
+    chunk_records = [r for r in all_records if r["kernel"].startswith("chunk:")]
+    records = [r for r in all_records if not r["kernel"].startswith("chunk:")]
+    _check_chunk_records(chunk_records)
     n_configs = len(mod.FORWARD_CONFIGS) + len(mod.BACKWARD_CONFIGS)
     assert len(records) == n_configs * (len(DTYPES) + 1)
     for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
@@ -147,6 +208,16 @@ def test_every_shipped_config_compiles_for_sm90():
         # 16-bit operands (and tf32) must reach the Hopper tensor cores.
         if r["dtype"] in ("bf16", "fp16") or r["precision"] == "tf32":
             assert r["wgmma"], f"{what}: no wgmma in the PTX"
+
+
+def _check_chunk_records(records):
+    """Every variant of the chunked kernel's two passes compiled for sm_90, without spills."""
+    assert len(records) == len(VARIANTS) * (1 + len(CHUNK_DS_DTYPES)), records
+    for r in records:
+        what = f"{r['kernel']} {r['dtype']} teacher={r['teacher']} with_cols={r['with_cols']}"
+        assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, what
+        assert 0 < r["regs"] <= 255 and r["spill_local"] == 0, (what, r)
+        assert r["shared"] <= SM90_MAX_DYNAMIC_SHARED, what
 
 
 if __name__ == "__main__":
