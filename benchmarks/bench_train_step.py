@@ -178,10 +178,11 @@ class NaiveCaRot(torch.nn.Module):
     def forward(self, img, txt, scale, *, visual_proj, text_proj, teacher_image_features=None,
                 teacher_text_features=None, teacher_logit_scale=None, labels=None, output_dict=False):
         from calrft_kernels.reference import naive_carot_loss
-        if teacher_image_features is None:
+        distill = self.distill_weight if teacher_image_features is not None else 0.0
+        if teacher_image_features is None:  # no teacher yet (step 0): contrastive only
             teacher_image_features, teacher_text_features, teacher_logit_scale = img.detach(), txt.detach(), scale
         loss = naive_carot_loss(img, txt, scale, teacher_image_features, teacher_text_features,
-                                teacher_logit_scale, distill_weight=self.distill_weight)
+                                teacher_logit_scale, distill_weight=distill)
         eye = torch.eye(visual_proj.shape[1], device=visual_proj.device, dtype=visual_proj.dtype)
         oc = torch.linalg.matrix_norm(visual_proj.T @ visual_proj - eye)
         cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)

@@ -1,7 +1,7 @@
 """Everything worth measuring on a lent GPU, in one short run (see DEVELOPERS.md: ~15 minutes of
 device time per task, so this script must spend it measuring, not debugging).
 
-    python benchmarks/gpu_suite.py [--skip-build] [--sections loss,covariance,spectral] [--out FILE]
+    python benchmarks/gpu_suite.py [--skip-build] [--sections loss,covariance,spectral,trainer] [--out FILE]
 
 1. builds the extension in place with CUDA for the local GPU's architecture (unless --skip-build),
 2. runs each section module benchmarks/gpu/<name>.py (`run() -> list[dict]`): each checks every
@@ -22,7 +22,7 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("loss", "covariance", "spectral")
+SECTIONS = ("loss", "covariance", "spectral", "trainer")
 
 
 def build_extension(jobs: int | None = None) -> str:
