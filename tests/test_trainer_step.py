@@ -219,3 +219,35 @@ def test_bad_settings(tmp_path, kw, match):
 def test_spans():
     assert steps.spans(8, 3) == [(0, 3), (3, 6), (6, 8)]
     assert steps.spans(8, None) == steps.spans(8, 8) == steps.spans(8, 100) == [(0, 8)]
+
+
+class _NormedPair(torch.nn.Module):
+    """A two-tower toy with batch norm in the image tower: (image features, text features, scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.BatchNorm1d(6))
+        self.txt = torch.nn.Embedding(10, 6)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images, texts):
+        return (F.normalize(self.img(images), dim=-1), F.normalize(self.txt(texts).mean(1), dim=-1),
+                self.logit_scale.exp())
+
+
+def test_batch_norm_running_statistics_update_once_per_micro_batch():
+    torch.manual_seed(0)
+    model = _NormedPair().train()
+    batch = {"images": torch.randn(8, 3, 2, 2), "texts": torch.randint(0, 10, (8, 3)),
+             "labels": torch.zeros(8, dtype=torch.long)}
+    stepper = steps.Stepper("flyp", student=model, objective=steps.Objective("flyp"), micro_batch_size=4)
+    stepper.forward_backward(batch)
+    bn = model.img[2]
+    assert bn.num_batches_tracked.item() == 2  # two micro-batches, pass 2 undone
+    expected = torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        feats = model.img[1](model.img[0](batch["images"]))
+        for lo in (0, 4):
+            expected(feats[lo:lo + 4])
+    torch.testing.assert_close(bn.running_mean, expected.running_mean)
+    torch.testing.assert_close(bn.running_var, expected.running_var)

@@ -24,6 +24,10 @@ Peak memory: one micro-batch's activations plus O(B d) features and loss state; 
 may stay on the host (each micro-batch is moved to the device when it runs). The random state
 after the step is the one pass 1 left, as if the student had run once.
 
+Batch-norm layers (open_clip's ResNet towers) normalise each micro-batch by its own statistics,
+as under any gradient accumulation; their running statistics are updated once per micro-batch
+(pass 1's update; pass 2's is undone).
+
 --method ft has no batch-coupled loss: cross-entropy is a per-sample mean, so micro-batch
 gradient accumulation (each micro-batch's summed loss over the whole batch size) is exact and
 needs no cache.
@@ -165,6 +169,10 @@ class Stepper:
         self.device, self.precision = device, precision
         self.micro_batch_size, self.scaler = micro_batch_size, scaler
         self.rng = RngState(device)
+        # batch-norm layers (open_clip's ResNet towers) update running statistics in every
+        # train-mode forward: the cached step keeps pass 1's updates only (one per micro-batch)
+        self.norms = [m for m in self.student.modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     # -- helpers
     def autocast(self):
@@ -248,6 +256,7 @@ class Stepper:
                     t_img.append(ti)
                     t_txt.append(tt)
         after = self.rng.capture()
+        norm_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.norms]
         # the loss of the whole batch and its gradients w.r.t. the features (O(B d))
         img = torch.cat(img).requires_grad_()
         txt = torch.cat(txt).requires_grad_()
@@ -271,6 +280,8 @@ class Stepper:
                     grads.append(g_scale.to(s.dtype))
                 self._backward(None, outputs, grads)
         self.rng.restore(after)
+        for m, state in zip(self.norms, norm_state):
+            m.load_state_dict(state)
         return terms
 
 
