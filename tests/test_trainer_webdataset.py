@@ -129,3 +129,18 @@ def test_train_on_shards_and_evaluate(tmp_path, caplog):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 5
     assert "000007" in caplog.text  # the corrupt sample was reported
+
+
+def test_a_resumed_epoch_continues_the_same_stream(tmp_path, tiny):
+    train_tf, _ = tiny
+    ds = data.WebDatasetCaptions(write_shards(str(tmp_path)), train_tf, seed=1, shuffle_buffer=8)
+    tok = lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)  # noqa: E731
+
+    def run(start):
+        return [b["images"] for b in data.webdataset_loader(ds, tok, global_batch=3, epoch=2, start_step=start,
+                                                            steps_per_epoch=5, workers=0)]
+    full, resumed = run(0), run(2)
+    assert len(full) == 5 and len(resumed) == 3
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a, b)
+    assert not torch.equal(full[0], full[1])
