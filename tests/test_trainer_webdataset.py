@@ -128,6 +128,7 @@ def test_train_on_shards_and_evaluate(tmp_path, caplog):
     assert set(doc["methods"]["carot"]["id"]) >= {"acc", "ece", "nll", "brier"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 5
+    assert [r["train_unreadable"] for r in log if "loss" in r][-1] == 1  # counted once
     assert "000007" in caplog.text  # the corrupt sample was reported
 
 

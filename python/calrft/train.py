@@ -322,7 +322,8 @@ class Trainer:
                     rate = cfg.batch_size * (self.step - mark[1]) / max(1e-9, now - mark[0])
                     mark = (now, self.step)
                     shown = dict(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-                    self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate, **terms)
+                    self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate,
+                                   train_unreadable=len(self.seen_bad), **terms)
                 bar.update(**shown)
                 if self.step == self.total_steps or (stop is not None and self.step >= stop):
                     break
