@@ -239,30 +239,41 @@ def cached_child(loss_name, batch, micro, reps):
     base = reset_peak_rss()
     times = [cached_step(stepper, opt, data_) for _ in range(1 + reps)][1:]
     step_s = statistics.median(times)
-    print(json.dumps({"step_s": step_s, "samples_per_s": batch / step_s,
-                      "peak_growth_mib": peak_rss_mib() - base}))
+    growth = peak_rss_mib() - base
+    # the loss alone (forward + backward on leaves of the step's feature shapes), for its share
+    d = stepper.student.text_projection.shape[1]
+    feats = [torch.nn.functional.normalize(torch.randn(batch, d), dim=1) for _ in range(4)]
+    img, txt = feats[0].requires_grad_(), feats[1].requires_grad_()
+    scale = torch.tensor(14.0, requires_grad=True)
+    t0 = time.perf_counter()
+    stepper.objective(img, txt, scale, teacher=(feats[2], feats[3], torch.tensor(14.0)),
+                      clip=stepper.clip)["total"].backward()
+    loss_s = time.perf_counter() - t0
+    print(json.dumps({"step_s": step_s, "samples_per_s": batch / step_s, "loss_s": loss_s,
+                      "loss_share": loss_s / step_s, "peak_growth_mib": growth}))
 
 
 def run_cached(batches, micro, reps, naive_max):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, micro-batch {micro}, reps={reps}")
-    print("| global batch | loss | step s | samples/s | peak RSS growth MiB |\n|---|---|---|---|---|", flush=True)
+    print("| global batch | loss | step s | samples/s | loss fwd+bwd s | loss share | peak RSS growth MiB |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for batch in batches:
         for name in ("fused", "naive"):
             if name == "naive" and batch > naive_max:
-                print(f"| {batch} | naive | not run (> --naive-max {naive_max}: B x B logits) | | |", flush=True)
+                print(f"| {batch} | naive | not run (> --naive-max {naive_max}: B x B logits) | | | | |", flush=True)
                 continue
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
             out = subprocess.run([sys.executable, __file__, "--child", f"cached:{name}", "--batches", str(batch),
                                   "--micro", str(micro), "--reps", str(reps)], capture_output=True, text=True,
                                  env=env)
             if out.returncode != 0:
-                print(f"| {batch} | {name} | FAILED: {out.stderr.strip().splitlines()[-1][:80]} | | |", flush=True)
+                print(f"| {batch} | {name} | FAILED: {out.stderr.strip().splitlines()[-1][:80]} | | | | |", flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"batch": batch, "loss": name, "micro": micro, **r})
-            print(f"| {batch} | {name} | {r['step_s']:.3f} | {r['samples_per_s']:.0f} | "
-                  f"{r['peak_growth_mib']:.1f} |", flush=True)
+            print(f"| {batch} | {name} | {r['step_s']:.3f} | {r['samples_per_s']:.0f} | {r['loss_s']:.3f} | "
+                  f"{r['loss_share']:.0%} | {r['peak_growth_mib']:.1f} |", flush=True)
     return rows
 
 
