@@ -162,22 +162,3 @@ def contrastive_stats_grads_reference(q: Tensor, k: Tensor, scale: Tensor, bias:
             h[1] = 0
     loss = (g * rows).sum() + ((h * cols).sum() if with_cols else 0.0)
     return torch.autograd.grad(loss, leaves)
-
-
-def contrastive_stats_grads_reference(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor,
-                                      tq=None, tk=None, tscale=None, *, grad_row: Tensor,
-                                      grad_col: Tensor, with_cols: bool = True):
-    """Gradients (d q, d k, d scale, d bias) of L = sum(grad_row * row_stats) +
-    sum(grad_col * col_stats) by autograd through contrastive_stats_reference, the teacher
-    log-sum-exps (statistic 1) excluded, as the kernel contract defines them. Run it in float64.
-    The kernels' (dq_u, dk_u) are d q / scale and d k / scale."""
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, scale, bias)]
-    rows, cols = contrastive_stats_reference(*leaves, tq, tk, tscale, with_cols=with_cols)
-    g = grad_row.to(rows.dtype).clone()
-    h = grad_col.to(rows.dtype).clone()
-    if tq is not None:
-        g[1] = 0
-        if with_cols:
-            h[1] = 0
-    loss = (g * rows).sum() + ((h * cols).sum() if with_cols else 0.0)
-    return torch.autograd.grad(loss, leaves)
