@@ -19,8 +19,8 @@ def _one_thread():
 def test_gpu_trainer_section_runs_on_cpu_with_a_tiny_model():
     rows = trainer.rows(bench_train_step.bench_model, "cpu", batches=(32,), micro=8, precision="fp32",
                         steps=1, naive=False)
-    assert [r["check"] for r in rows] == ["ok", "ok"], rows
-    assert rows[1]["ms"] > 0 and "samples/s" in rows[1]["note"]
+    assert [r["check"] for r in rows] == ["ok", "SKIPPED", "ok"], rows  # the sync count is CUDA only
+    assert rows[2]["ms"] > 0 and "samples/s" in rows[2]["note"]
     assert set(rows[0]) == {"op", "config", "check", "ms", "tflops", "note"}
 
 

@@ -4,7 +4,7 @@
 
 1. check: on the GPU, a feature-cached step (micro-batches, dropout's random state replayed on
    CUDA) leaves the gradients of the plain full-batch step (ViT-B-16, fp32, TF32 off, batch 32 at
-   micro-batch 8);
+   micro-batch 8); and the host synchronisations of one cached step (sync debug mode);
 2. whole training steps (student + EMA teacher, CaRotLoss, AdamW) of open_clip ViT-B-16 with
    random init (pretrained=None: no downloads), bf16 autocast, global batch 1024 / 16384 / 65536 at
    micro-batch 512: step time, samples/s, peak CUDA memory; the goals: 65536 under 80 GiB, samples/s
@@ -120,6 +120,33 @@ def step_row(model_fn, device, batch, micro=MICRO, loss="fused", precision="bf16
             torch.cuda.empty_cache()
 
 
+def sync_row(model_fn, device, batch=64, micro=16, precision="bf16"):
+    """Host synchronisations in one cached step (torch.cuda.set_sync_debug_mode("warn") counts the
+    synchronising calls): the trainer's own code makes none outside a log step; the ops' input
+    checks (finite scalars, orthogonality overflow) may."""
+    import warnings
+
+    import torch
+    b = _bench()
+    if not str(device).startswith("cuda"):
+        return _row(f"host syncs: B={batch} micro={micro}", "SKIPPED", note="CUDA only")
+    stepper, opt, data_ = b.cached_setup("fused", batch, micro, model_fn=model_fn, device=device,
+                                         precision=precision)
+    b.cached_step(stepper, opt, data_)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.zero_grad(set_to_none=True)
+            stepper.forward_backward(data_, use_teacher=True)
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = sorted({str(w.message).splitlines()[0][:60] for w in caught})
+    return _row(f"host syncs: B={batch} micro={micro} {precision}", "ok", note=f"{len(caught)} synchronising "
+                f"calls in forward_backward + AdamW step; {'; '.join(where)[:200]}")
+
+
 def naive_reach_row(device, d=512, start=8192, limit=262144):
     """Largest B at which the naive loss's forward + backward fits (doubling), on random features."""
     import torch
@@ -149,6 +176,7 @@ def rows(model_fn, device, batches=BATCHES, micro=MICRO, precision="bf16", steps
     out = []
     if check:
         out.append(check_row(model_fn, device))
+        out.append(sync_row(model_fn, device))
     for batch in batches:
         out.append(step_row(model_fn, device, batch, micro, precision=precision,
                             steps=1 if batch >= 65536 else steps))
