@@ -365,7 +365,15 @@ def _cov_eig_op(z: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta
             return (r.values[:1].clone(), r.vectors[:, :1].clone(), mean,
                     _factor_out(r, z.shape[1], z.device, factor), r.stats())
     cov, mean = covariance_impl(z, correction, which, fp64, lower_only=True)
-    r = solve(cov, v0, factor, delta, nev, tol, iters, "auto", name="z")
+    try:
+        r = solve(cov, v0, factor, delta, nev, tol, iters, "auto", name="z")
+    except ValueError:
+        if fp64 or not bool(torch.isfinite(z).all()):
+            raise                 # a NaN/inf in z itself
+        # finite z whose fp32-accumulated covariance overflowed (entries ~1e20): accumulate in
+        # fp64 instead (what the error used to misreport as "z contains NaN or infinity")
+        cov, mean = covariance_impl(z, correction, which, True, lower_only=True)
+        r = solve(cov, v0, factor, delta, nev, tol, iters, "auto", name="z")
     return (r.values[:nev].clone(), r.vectors[:, :nev].clone(), mean,
             _factor_out(r, z.shape[1], z.device, factor), r.stats())
 

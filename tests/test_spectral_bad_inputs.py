@@ -4,6 +4,7 @@ either answered correctly (scaled first) or reported as an overflow, never as Na
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -196,3 +197,27 @@ def test_orthogonality_loss_overflow_is_reported():
 def test_orthogonality_loss_scaled_gradcheck():
     w = (torch.randn(6, 4, dtype=torch.float64) * 9.0).requires_grad_()   # scale 8, not 1
     assert torch.autograd.gradcheck(ck.orthogonality_loss, (w,))
+
+
+def test_covariance_sigma_min_fp32_accumulation_overflow():
+    """accumulate="fp32" on finite fp32 features of size 1e20: the fp32 covariance overflows,
+    so the covariance is accumulated in fp64 instead (it used to say "z contains NaN or
+    infinity"); a smallest eigenvalue beyond the fp32 range is reported as an overflow."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 64, dtype=torch.float64, generator=g) * torch.logspace(
+        -1, 0, 64, dtype=torch.float64)
+    z = (base * 1e20).float()
+    ref = float(torch.linalg.eigvalsh(covariance_reference(z.double(), 1)[0])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # no fp32 factor of 1e40 entries: dense answer
+        value = float(ck.covariance_sigma_min(z, accumulate="fp32"))
+    assert abs(value - ref) <= 1e-4 * ref
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="z is finite.*smallest covariance eigenvalue "
+                                             "overflows torch.float32"):
+            ck.covariance_sigma_min((base * 1e22).float(), accumulate="fp32")
+    bad = z.clone()
+    bad[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="z contains NaN or infinity"):
+        ck.covariance_sigma_min(bad, accumulate="fp32")
