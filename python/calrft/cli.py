@@ -76,7 +76,7 @@ COMMAND_HELP = {
                             "--classnames)" for c in ("eval", "wise-ft")},
 }
 EVAL_FIELDS = {"model", "pretrained", "cache_dir", "classnames", "templates", "id_eval", "ood_eval",
-               "workers", "eval_batch_size", "device", "out", "train_folder", "overwrite"}
+               "workers", "eval_batch_size", "device", "out", "train_folder", "overwrite", "precision"}
 
 
 def add_config_flags(parser, command="train", cls=TrainConfig, only=None):
@@ -135,7 +135,7 @@ def _eval_setup(cfg):
     model, _, eval_tf, tokenizer = models.create(cfg.model, cfg.pretrained, "cpu", cfg.cache_dir)
     _, eval_sets, classnames = build_data(dataclasses.replace(cfg, train_csv=None), None, eval_tf)
     templates = templates_mod.get(cfg.templates)
-    classifier = ev.ZeroShotClassifier(model, tokenizer, classnames, templates)
+    classifier = ev.ZeroShotClassifier(model, tokenizer, classnames, templates, precision=cfg.precision)
     if cfg.pretrained and not _is_tag(cfg.pretrained) and not cfg.pretrained.endswith(".safetensors"):
         state = checkpoint.load(cfg.pretrained, what="pretrained")
         if "ft_head" in state:  # a --method ft checkpoint: its learned head, not a zero-shot one
@@ -163,7 +163,7 @@ def cmd_eval(args):
     rundir.prepare(cfg.out, "eval", overwrite=cfg.overwrite, inputs={"pretrained": cfg.pretrained})
     model, _, eval_sets, _, classifier = _eval_setup(cfg)
     result = ev.evaluate(model, classifier, eval_sets, cfg.device or "cpu", cfg.eval_batch_size, cfg.workers,
-                         id_first=bool(cfg.id_eval))
+                         id_first=bool(cfg.id_eval), precision=cfg.precision)
     report.write_all(cfg.out, {args.name: result}, cfg.to_dict())
     print(report.table({args.name: result}))
     return 0
@@ -197,8 +197,9 @@ def cmd_wise_ft(args):
     templates = templates_mod.get(cfg.templates)
 
     def evaluate(m):
-        clf = ev.ZeroShotClassifier(m, tokenizer, classnames, templates)
-        return ev.evaluate(m, clf, eval_sets, cfg.device or "cpu", cfg.eval_batch_size, cfg.workers)
+        clf = ev.ZeroShotClassifier(m, tokenizer, classnames, templates, precision=cfg.precision)
+        return ev.evaluate(m, clf, eval_sets, cfg.device or "cpu", cfg.eval_batch_size, cfg.workers,
+                           precision=cfg.precision)
     rows = wiseft.sweep(model, zeroshot, finetuned, alphas, evaluate)
     methods = {f"alpha={r['alpha']:.2f}": r for r in rows}
     sweeps = {"wise-ft": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
