@@ -46,3 +46,9 @@ def test_naive_adapter_matches_the_fused_loss():
 def test_naive_reach_row_runs():
     row = trainer.naive_reach_row("cpu", d=8, start=16, limit=64)
     assert row["check"] == "ok" and "64" in row["note"]
+
+
+def test_gpu_trainer_step_row_in_bf16_on_cpu():
+    """The suite's bf16 path (bf16 host images, bf16 autocast) on CPU."""
+    row = trainer.step_row(bench_train_step.bench_model, "cpu", 16, 8, precision="bf16", steps=1)
+    assert row["check"] == "ok" and row["ms"] > 0, row
