@@ -48,7 +48,8 @@ TRAIN_HELP = {
                 "onto a subset of the ID classes",
     "workers": "data-loading worker processes",
     "batch_size": "global batch size, split over ranks",
-    "micro_batch_size": "rows per forward/backward chunk within a batch (memory, not the result)",
+    "micro_batch_size": "rows per rank per forward/backward chunk: feature caching below --batch-size (the loss "
+                        "still sees the whole global batch; memory of one chunk; unset = off)",
     "grad_checkpointing": "recompute activations in the backward pass to save memory",
     "epochs": "training epochs (ignored when --steps is set)",
     "steps": "total optimiser steps (overrides --epochs)",
