@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from .contrastive import (ContrastiveInputs, GlobalBatch, check_weight, contrastive_terms,
                           with_rows)
 from .distributed import gather_no_grad, gather_with_grad, world
+from .eigen import covariance_sigma_min
+from .orthogonality import orthogonality_loss
 
 
 class ClipLoss(nn.Module):
@@ -106,7 +108,6 @@ class CaRotLoss(nn.Module):
                 teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
                 labels: Optional[Tensor] = None, logit_bias=None,
                 sigma_min_features: Optional[Tensor] = None, output_dict: bool = False):
-        from .spectral import covariance_sigma_min, orthogonality_loss
         _check_projection("visual_proj", visual_proj)
         _check_projection("text_proj", text_proj)
         if visual_proj.shape[1] != text_proj.shape[1]:
