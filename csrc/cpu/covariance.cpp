@@ -47,23 +47,20 @@ auto blas_gemm() {
 
 // Columns per block of the Gram product: n blocks do (n + 1) / 2n of a full GEMM's work
 // (d = 512: 8 blocks, 0.56; d = 1024: 16 blocks, 0.53), and 64-wide GEMMs still run near full
-// speed. Measured with MKL's sgemm, B = 4d, ms (full GEMM; blocks of 32 / 48 / 64 / 128):
-// d = 512: 5.7; 3.46 / 3.38 / 3.34 / 3.53. d = 768: 18.5; 12.3 / 11.9 / 11.7 / 12.2.
-// d = 1024: 43.4; 28.3 / 27.1 / 27.5 / 27.5.
+// speed (MKL sgemm, blocks of 32 to 128 columns against the full GEMM)
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 constexpr int64_t kGramBlock = 64;
 // Above this many columns the triangle is split in two halves and the square between them is
-// one GEMM (gram_upper_blocks): fewer, larger GEMMs. Interleaved in one process, covariance_cpu
-// ms, 64-wide block columns throughout / split above 256: B = 4096, d = 1024: 31.1 / 29.9;
-// B = 65536, d = 512: 141.5 / 138.8; B = 2048, d = 512: 4.34 / 4.29 (splits above 64 or 128
-// were slower than above 256 at every size).
+// one GEMM (gram_upper_blocks): fewer, larger GEMMs; splitting above 64 or 128 columns was
+// slower than above 256 (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 constexpr int64_t kGramSplitAbove = 256;
 
 // The fp32 case of centre_transposed below, for a full tile of `rows` (a multiple of 8) rows and
 // 8 columns: ct[j, t] = z[t, j] - shift[j] through 8 x 8 register transposes, sums[j] +=
 // sum_t (z[t, j] - shift[j]) in fp64, in the same order as the generic loop (the same bits).
-// That loop wrote through a tile buffer with a 32-float copy per row of it: perf at B = 2048,
-// d = 512 gave centring 7.9% of covariance_cpu plus 4.5% in memmove; now 7.8% and none (the
-// loop is bound by its passes over memory).
+// That loop wrote through a tile buffer with a copy per row of it, which showed up as memmove
+// time; this one has none and is bound by its passes over memory
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 void centre_transpose_8x8(const float* z, int64_t d, const float* shift, int64_t rows, float* ct,
                           int64_t ld, double* sums) {
   using V = dense::Chunk<float>::vec;
@@ -88,8 +85,9 @@ void centre_transpose_8x8(const float* z, int64_t d, const float* shift, int64_t
 
 // ct[j, t] = z[t, j] - shift[j] (t < rows, ct [d, ld] row-major) in 32 x 32 tiles, and sums[j]
 // += sum_t ct[j, t] (fp64). The Gram GEMMs below want the chunk transposed: with the
-// summed index contiguous in both operands, MKL runs the column blocks 1.2-1.3x faster (d =
-// 1024: 28 ms against 35 ms on the row-major chunk), and the centring pass was needed anyway.
+// summed index contiguous in both operands, MKL runs the column blocks faster than on the
+// row-major chunk (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes"),
+// and the centring pass was needed anyway.
 template <typename In, typename T>
 void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* ct, int64_t ld,
                        double* sums) {
@@ -97,7 +95,7 @@ void centre_transposed(const In* z, int64_t rows, int64_t d, const T* shift, T* 
   const int64_t tiles = (d + kTile - 1) / kTile;
   // Each thread takes a contiguous range of column tiles (>= 128 columns) and walks the rows
   // block by block: a column stripe walked down all rows instead touched a new page of z per
-  // tile row (TLB misses: 10 ms at B = 4096, d = 1024, against 3 ms this way).
+  // tile row (TLB misses) (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
   at::parallel_for(0, tiles, /*grain_size=*/4, [&](int64_t b0, int64_t b1) {
     const int64_t c0 = b0 * kTile, c1 = std::min(d, b1 * kTile);
     std::vector<double> acc(c1 - c0, 0.0);
@@ -176,8 +174,9 @@ void gram_upper_blocks(const T* ct, int64_t ld, int64_t rows, int64_t d, T* out,
 // j <= i (e: the offset of the mean from the centring shift); the strict upper
 // triangle then becomes the mirror (full) or zeros (the solver reads only the lower one). Block
 // by block through a padded tile: read and written by rows, the transposition happens in the
-// tile (a column walk of out has a 2^k-byte stride that maps every access to one cache set: the
-// direct loop took 4.9 ms at d = 1024).
+// tile (a column walk of out has a 2^k-byte stride that maps every access to one cache set,
+// which made the direct loop slow)
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 template <typename T>
 void finish_from_upper(T* out, int64_t d, const double* e, double n, double denom, bool full) {
   constexpr int64_t kTile = 64, kPad = kTile + 1;
@@ -223,12 +222,13 @@ std::tuple<at::Tensor, at::Tensor> covariance_cpu(const at::Tensor& z_arg, doubl
   const int64_t chunk = std::min(std::clamp<int64_t>(kChunkEntries / d, 256, 8192),
                                  std::max<int64_t>(B, 1));
   // The rows are centred on a shift s: the mean of the first chunk (of all of z when it fits
-  // one), summed in the compute dtype (z.sum(0, fp64) converts every entry: 190 ms vs 24 ms at
-  // B = 65536, d = 512; and no pass over the rest of z). The centred chunks' column sums, in
+  // one), summed in the compute dtype (z.sum(0, fp64) converts every entry, far slower; and no
+  // pass over the rest of z). The centred chunks' column sums, in
   // fp64, give e = mean - s exactly enough (they are small numbers: s is within ~spread /
   // sqrt(chunk) of the mean), and sum (z - mean)(z - mean)^T = sum (z - s)(z - s)^T - B e e^T.
-  // (The mean of the first 256 rows alone saved 0.42 ms at B = 4096, d = 1024, but lost 4 bits
-  // where the later rows' mean drifted by 3 spreads: the e e^T term then dominates.)
+  // (The mean of the first 256 rows alone saved little time but lost accuracy where the later
+  // rows' mean drifted: the e e^T term then dominates.
+  // (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").)
   const int64_t first = std::min(chunk, B);
   at::Tensor shift = z_in.narrow(0, 0, first).sum(0, /*keepdim=*/false, ct)
                          .div_(double(std::max<int64_t>(first, 1)));

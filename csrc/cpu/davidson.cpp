@@ -43,22 +43,24 @@ struct EigOut {
 };
 
 // LAPACK's dsyevd called straight from the torch library when it exports it (MKL builds do):
-// at::linalg_eigh copies to and from LAPACK's column-major layout and adds checks, ~0.15 ms
-// for a 48 x 48 eigh. A weak symbol: where a build lacks it the ATen call takes over.
+// at::linalg_eigh copies to and from LAPACK's column-major layout and adds checks, a large
+// overhead on a 48 x 48 eigh (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
+// A weak symbol: where a build lacks it the ATen call takes over.
 extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a,
                         const int* lda, double* w, double* work, const int* lwork, int* iwork,
                         const int* liwork, int* info) __attribute__((weak));
 
 // The Davidson iteration runs on one thread: every step is a dozen thin products (d x 8 blocks)
 // and a <= 48 x 48 eigh, far too small to split, and with 2 threads each call forks and joins a
-// team; on a shared host a join waits for a descheduled thread (measured at load 7, d = 512: a
-// whole solve 110 ms with 2 threads, 39 ms with 1). The factorisation is large enough to gain
-// from the caller's threads on a quiet host, so from kThreadedFactorMinDim on it gets them.
+// team; on a shared host a join waits for a descheduled thread, which made a whole solve slower
+// with 2 threads than with 1 (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
+// The factorisation is large enough to gain from the caller's threads on a quiet host, so from
+// kThreadedFactorMinDim on it gets them.
 constexpr int64_t kThreadedFactorMinDim = 384;
 
-// Block columns of the preconditioner's Cholesky (dense::cholesky_blocked). Kernel alone, 2
-// threads, interleaved, median of 15, ms, d = 512 / 1024, 32 / 64 / 128 columns: 0.88 / 0.84 /
-// 0.95 and 4.22 / 3.88 / 3.99 (MKL's spotrf in the same run: 1.22 / 5.14).
+// Block columns of the preconditioner's Cholesky (dense::cholesky_blocked): 64 was the fastest
+// of 32 / 64 / 128 at d = 512 and 1024, and faster than MKL's spotrf
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 constexpr int64_t kCholBlock = 64;
 
 // Cholesky of the symmetric row-major fp32 buffer `a` [d, d] in place: the lower triangle
@@ -158,9 +160,10 @@ void sweep_block(const float* L, int64_t d, std::vector<float>& x, int64_t k, in
 }
 
 // From kThreadedSweepMinDim on, the columns are split into `threads` groups of 8 swept in
-// parallel (OpenMP: the solver runs under SingleThreadScope). 16 columns, 8 sweeps, quiet host:
-// d = 512 1.1-1.35 -> 0.65-0.85 ms, d = 1024 4.7-5.2 -> 2.6-3.7 ms. (The start block's product
-// with the matrix, split the same way, gained nothing that showed above this host's noise.)
+// parallel (OpenMP: the solver runs under SingleThreadScope), which cut the sweeps' time on a
+// quiet host; the start block's product with the matrix, split the same way, gained nothing
+// that showed above this host's noise
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 constexpr int64_t kThreadedSweepMinDim = 384;
 
 void preconditioner_sweeps(const float* L, int64_t d, std::vector<double>& w, int64_t k,
@@ -330,8 +333,8 @@ void restart_basis(Basis& b, const std::vector<double>& y, const std::vector<dou
 }
 
 // Seeded uniform numbers in [-1, 1) (splitmix64) for the start block's random columns:
-// at::randn took 55 us for 512 x 8 (a warm start's padding, an eighth of a warm solve at
-// d = 512) and 140 / 280 us for a cold start's 16 columns at d = 512 / 1024.
+// at::randn cost a noticeable share of a warm solve
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 void fill_uniform(double* out, int64_t n, uint64_t seed) {
   for (int64_t i = 0; i < n; ++i) {
     uint64_t z = (seed += 0x9e3779b97f4a7c15ULL);
@@ -343,13 +346,13 @@ void fill_uniform(double* out, int64_t n, uint64_t seed) {
 }
 
 // Before any product with A, kPreSweeps sweeps of the preconditioner alone (fp32 subspace
-// iteration with (L L^T)^-1, ~0.07 ms each at d = 512 against ~0.3 ms for a Davidson step) over
-// a start block of 2 blk random columns damp the top of the spectrum. Measured (d = 512 / 1024,
-// log spectra, kappa 1e4 and 1e6): Davidson steps 10-12 / 15-18 -> 4-6 / 7-10. A warm start
-// (v0 given) is not swept: for a matrix that moved by 1e-3 lambda_min the given vector passes
-// the stopping test at once, and sweeping the random columns that pad its block cost more than
-// the rest of the solve (d = 512: 0.65 ms unswept, 0.85 ms with 2 sweeps, ~2 ms with 8); after
-// a drift of ~lambda_min the unswept padding costs about one step more (8-10 instead of 7-9).
+// iteration with (L L^T)^-1, each far cheaper than a Davidson step) over a start block of 2 blk
+// random columns damp the top of the spectrum and save Davidson steps on ill-conditioned
+// spectra. A warm start (v0 given) is not swept: for a matrix that moved by 1e-3 lambda_min the
+// given vector passes the stopping test at once, and sweeping the random columns that pad its
+// block cost more than the rest of the solve; after a drift of ~lambda_min the unswept padding
+// costs about one step more (figures: benchmarks/results/spectral_cpu.md,
+// "Kernel design notes").
 constexpr int kPreSweeps = 8;
 
 EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor, double delta,
@@ -652,8 +655,8 @@ constexpr int64_t kNarrowProductBelow = 4;
 // fp64 sums of exact products, never forming Sigma: two passes over z, O(B d k), `threads` row
 // ranges in parallel (covariance_product). Wide: rows of z in groups of 4 and columns of W in
 // chunks of 8 (the register tiles of dense_blocks.h): U = Z W for the 4 rows, then out +=
-// Z_rows^T U. One product is 4 B d k flops (d = 1024, B = 4096, k = 8: 5 ms on one core), big
-// enough to split.
+// Z_rows^T U. One product is 4 B d k flops, big enough to split
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 void covariance_times(const float* z, int64_t B, int64_t d, const double* mean, double correction,
                       const double* w, int64_t k, double* out, int threads) {
   if (k < kNarrowProductBelow) {
@@ -746,7 +749,8 @@ pybind11::dict refine_covariance_eig_cpu(
   EigOut r = davidson(problem, x.to(at::kDouble).contiguous(),
                       factor.to(at::kFloat).contiguous(), delta, 1, tol, max_iter);
   // The factor is Sigma_32's: the stopping test's bound holds only while it acts like
-  // (Sigma + delta I)^-1 on the answer (measured: within 4% up to condition number 1e7).
+  // (Sigma + delta I)^-1 on the answer, which it does on ill-conditioned covariances
+  // (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
   if (r.converged) r.converged = factor_fits_answer(r);
   return solve_result(r, "ok");
 }

@@ -1,12 +1,13 @@
-// Thin-block dense kernels of the CPU Davidson loop (csrc/cpu/spectral.cpp): a d x d matrix or a
+// Thin-block dense kernels of the CPU Davidson loop (csrc/cpu/davidson.cpp): a d x d matrix or a
 // d x m basis times a thin row-major block (k = 8..32 columns), the transposed product, the
 // product with a symmetric matrix stored as its lower triangle, the two triangular solves
 // with the fp32 Cholesky factor, and that factorisation itself.
 //
-// Why not BLAS: on this project's hosts (AMD EPYC, torch's MKL) dgemm of a 512 x 512 matrix with
-// 8 columns takes 0.38-0.54 ms and the two strsm 0.21 ms; these loops take 0.085 ms and 0.08 ms
-// (the product runs at ~49 GFLOP/s, one core's fp64 FMA peak). MKL does not pick its fast paths
-// on AMD, and a thin product needs many independent accumulators to hide the FMA latency.
+// Why not BLAS: on this project's hosts (AMD EPYC, torch's MKL) dgemm and strsm with 8 columns
+// are several times slower than these loops, whose product runs near one core's fp64 FMA peak
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes"). MKL does not
+// pick its fast paths on AMD, and a thin product needs many independent accumulators to hide
+// the FMA latency.
 //
 // Layout: every matrix is row-major with an explicit leading dimension. Columns are processed in
 // chunks of 8 (one 32-byte vector of fp32, two of fp64; GCC vector extensions, so -mavx2 gives
@@ -214,8 +215,8 @@ inline double dot(const double* x, const double* y, int64_t n) {
 
 // dst[c, r] = src[r, c] for an 8 x 8 fp32 tile, in registers (the unpack / shuffle / lane-swap
 // network of an AVX transpose). For the blocked Cholesky's panel transposes: with the scalar
-// loop they were about a third of its time on one core (perf, d = 512); with this tile the
-// one-thread factor went from 0.95 to 0.76 ms.
+// loop they were a large share of its time on one core; this tile makes the one-thread factor
+// faster (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 // r[i] (row i of an 8 x 8 tile) becomes column i, in registers.
 inline void transpose8x8_registers(Chunk<float>::vec* r) {
   using V = Chunk<float>::vec;
@@ -302,8 +303,8 @@ void solve_lower(const T* L, int64_t d, T* X, int64_t k) {
 // X <- L^-T X (left-looking from the last block: each block first subtracts the rows already
 // solved below it, L[b1:d, b0:b1]^T X[b1:d], one thin product whose every inner step reads
 // kTriBlock consecutive entries of a row of L). The right-looking order (a solved block updates
-// all rows above it) re-read and rewrote X per block: fp32, 8 columns, one core, 43 -> 51
-// GFLOP/s at d = 512, 45 -> 49 at d = 1024 (the forward solve runs at 72-78).
+// all rows above it) re-read and rewrote X per block and was slower
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 template <typename T>
 void solve_lower_transposed(const T* L, int64_t d, T* X, int64_t k) {
   for (int64_t b1 = d; b1 > 0; b1 -= kTriBlock) {
@@ -323,11 +324,10 @@ void solve_cholesky(const T* L, int64_t d, T* X, int64_t k) {
 
 // ---- Cholesky ---------------------------------------------------------------------------------
 // The lower Cholesky factor of the solver's fp32 preconditioner, in place, from the kernels above.
-// Why not LAPACK: MKL's spotrf on 2 threads runs at ~40-60 GFLOP/s at d = 512 on these hosts,
-// the thin products above at ~75 on one core. benchmarks/bench_spectral_kernels.py (2 threads,
-// medians, ms; through the test hook, which adds a copy): d = 512 0.54 against 0.97 for
-// torch.linalg.cholesky, d = 1024 3.7 against 6.2; ||L L^T - A|| / ||A|| 7.0e-8 / 7.9e-8
-// against MKL's 9.9e-8 / 1.1e-7.
+// Why not LAPACK: MKL's spotrf on 2 threads runs slower on these hosts than the thin products
+// above on one core; this factor is faster than torch.linalg.cholesky and as accurate
+// (benchmarks/bench_spectral_kernels.py;
+// figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").
 
 // Unblocked, for a diagonal block of <= 8 rows (fp64 sums): false on a pivot that is not a
 // positive finite number.

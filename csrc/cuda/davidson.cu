@@ -5,7 +5,8 @@
 // the first host read from kStaleCheckIteration on and rebuilt if it does not fit, and a solve
 // whose reused factor did not converge or does not fit at the answer is redone with a fresh one.
 // (Without the in-loop check a stale warm-start factor ran all max_iter iterations before the
-// Python layer redid the solve: 206 ms with "0 iterations" on the H200, issue 12.)
+// Python layer redid the solve, issue 12;
+// figures: benchmarks/results/spectral_cpu.md, "Kernel design notes").)
 //
 // GPU specifics:
 //  * The projected eigenproblem (m <= 48) is solved ON THE DEVICE by one thread block running the

@@ -1,7 +1,8 @@
 // Building blocks of the CUDA block Davidson loop (csrc/cuda/davidson.cu) in ATen ops (cuBLAS /
 // cuSOLVER underneath). Host code only. The CPU loop (csrc/cpu/davidson.cpp) runs the same steps
-// on the hand-vectorised thin-block kernels of cpu/dense_blocks.h instead: through ATen, MKL took
-// ~1.6 ms per step at d = 512 on this project's AMD hosts against ~0.3 ms for those loops. Both
+// on the hand-vectorised thin-block kernels of cpu/dense_blocks.h instead: through ATen, MKL was
+// several times slower per step on this project's AMD hosts
+// (figures: benchmarks/results/spectral_cpu.md, "Kernel design notes"). Both
 // loops share the stopping test and the small-matrix math of common/spectral_math.h.
 #pragma once
 #include <ATen/ATen.h>
