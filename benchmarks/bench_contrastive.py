@@ -32,6 +32,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, ROOT)
+from benchmarks._common import mem_available_bytes, proc_status_kib, reset_peak_rss  # noqa: E402
+
 SIZES = (1024, 4096, 8192, 16384, 65536)
 METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
 # Peak extra bytes per B^2 of the materialising methods (measured at B = 4096: ClipLoss 4.3 B^2
@@ -42,14 +46,6 @@ BYTES_PER_B2 = {"open_clip": 4 * 5, "naive CaRot": 4 * 12, "unit": 4 * 3}
 # ------------------------------------------------------------------------------------------
 # Child side: one method at one size.
 # ------------------------------------------------------------------------------------------
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def _make_step(method, B, d, seed=0):
     import torch
     import torch.nn.functional as F
@@ -103,13 +99,12 @@ def child(method, B, d, reps):
     warm()
     warm_clear()
     step, clear = _make_step(method, B, d)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    base = _status_kib("VmRSS")
+    reset_peak_rss()  # VmHWM := current RSS
+    base = proc_status_kib("VmRSS")
     t0 = time.perf_counter()
     step()
     times = [time.perf_counter() - t0]
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     clear()
     for _ in range(reps - 1):
         t0 = time.perf_counter()
@@ -147,14 +142,6 @@ def child_times(methods, B, d, reps):
 # ------------------------------------------------------------------------------------------
 # Parent side
 # ------------------------------------------------------------------------------------------
-def mem_available_bytes():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_child(method, B, d, reps, timeout):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(B), str(d), str(reps)]

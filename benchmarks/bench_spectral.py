@@ -8,42 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import time
+import os
+import sys
 import warnings
 
 import torch
 
-from calrft_kernels import batch_covariance, covariance_sigma_min, smallest_eigenvalue
-
-
-def log_spectrum_features(b, d, kappa, mean=50.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
-    spread = torch.logspace(-math.log10(kappa) / 2, 0, d, dtype=torch.float64)
-    z = (torch.randn(b, d, dtype=torch.float64, generator=g) * spread) @ q.T
-    return (z + mean * torch.randn(d, dtype=torch.float64, generator=g)).float()
-
-
-def spectrum_matrix(d, kappa, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
-    a = (q * torch.logspace(-math.log10(kappa), 0, d, dtype=torch.float64)) @ q.T
-    return (a + a.T) / 2
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    interleaved.minimum = {k: min(v) for k, v in times.items()}
-    return {k: statistics.median(v) for k, v in times.items()}
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import interleaved, log_spectrum_features, spectrum_matrix  # noqa: E402
+from calrft_kernels import batch_covariance, covariance_sigma_min, smallest_eigenvalue  # noqa: E402
 
 
 def rel(a, b):

@@ -12,11 +12,15 @@ Medians and minima of interleaved repeats, ms."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
-from bench_spectral import interleaved, log_spectrum_features
-from calrft_kernels import testing
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import interleaved, log_spectrum_features  # noqa: E402
+from calrft_kernels import testing  # noqa: E402
 
 
 def residual(l: torch.Tensor, a: torch.Tensor) -> float:

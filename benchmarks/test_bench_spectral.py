@@ -2,19 +2,15 @@
 
     PYTHONPATH=. python -m pytest benchmarks/test_bench_spectral.py --benchmark-only
 The goal ratios are computed by benchmarks/bench_spectral.py (interleaved, one run)."""
-import math
-
 import pytest
 import torch
 
+from benchmarks._common import spectrum_matrix
 from calrft_kernels import batch_covariance, covariance_sigma_min, smallest_eigenvalue
 
 
 def _matrix(d, kappa=1e4):
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
-    a = (q * torch.logspace(-math.log10(kappa), 0, d, dtype=torch.float64)) @ q.T
-    return (a + a.T) / 2
+    return spectrum_matrix(d, kappa, seed=0)
 
 
 @pytest.mark.parametrize("d", [512])

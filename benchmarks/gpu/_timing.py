@@ -1,5 +1,10 @@
-"""CUDA-event timing shared by the GPU-suite sections."""
+"""Device timing shared by the GPU-suite sections: CUDA events on a GPU, the wall clock on CPU
+(the CPU smoke runs of the sections' code paths). CPU-only benchmark helpers are in
+benchmarks/_common.py."""
 from __future__ import annotations
+
+import statistics
+import time
 
 
 def cuda_median_ms(fn, reps: int = 20, warmup: int = 1) -> float:
@@ -19,3 +24,30 @@ def cuda_median_ms(fn, reps: int = 20, warmup: int = 1) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def wall_median_ms(fn, device, reps: int = 10, warmup: int = 1) -> float:
+    """Median wall-clock ms of fn() including its host work, after `warmup` calls; on a GPU the
+    device is synchronised before and after each call."""
+    import torch
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def median_ms(fn, device, reps: int = 20, warmup: int = 1) -> float:
+    """Median ms of fn(): CUDA events on a GPU (kernel time), the wall clock elsewhere."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return cuda_median_ms(fn, reps=reps, warmup=warmup)
+    return wall_median_ms(fn, device, reps=reps, warmup=warmup)

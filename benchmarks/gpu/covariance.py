@@ -10,15 +10,14 @@ GPU run does not crash.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from .._common import DTYPE_NAMES, torch_dtype
+from ._timing import median_ms
 
 CHECK_SIZES = [(1, 3), (97, 130), (4099, 257), (65536, 512)]
 TIMED_SIZES = [(65536, 512), (65536, 1024)]
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 TIMED_DTYPES = ("bf16", "fp32")
 # max |Sigma - ref| / max |ref| of the public op's output (in z's dtype: a 16-bit output is
 # rounded once more). "cuda": centred values rounded to z's dtype, fp32 accumulation; "triton":
@@ -38,21 +37,6 @@ def _features(n_rows, n_cols, dtype, device):
 def _reference(z, correction):
     from calrft_kernels.reference import covariance_reference
     return covariance_reference(z.double(), correction)[0]
-
-
-def time_ms(fn, device, reps=20, warmup=3) -> float:
-    """Median ms: CUDA events on a GPU, the wall clock on CPU (the CPU-side test of this file)."""
-    if device.type == "cuda":
-        from ._timing import cuda_median_ms
-        return cuda_median_ms(fn, reps=reps, warmup=warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _row(config, check, ms=None, tflops=None, note=""):
@@ -88,7 +72,7 @@ def timing_rows(backends, n_rows, n_cols, dtype_name, device, reps=20):
     for name, call in candidates.items():
         config = f"{name} B={n_rows} d={n_cols} {dtype_name}"
         try:
-            times[name] = time_ms(call, device, reps=reps)
+            times[name] = median_ms(call, device, reps=reps, warmup=3)
             rows.append(_row(config, f"timed (median of {reps})", times[name],
                              flops / times[name] / 1e9, "tflops = 2 B d^2 / time"))
         except Exception as exc:

@@ -34,7 +34,8 @@ from __future__ import annotations
 import os
 import time
 
-from ._timing import cuda_median_ms as _events_ms
+from .._common import torch_dtype
+from ._timing import median_ms
 
 TIMED_B = (4096, 16384, 32768, 65536)
 TIMED_D = (512, 768)
@@ -98,12 +99,6 @@ def _max_rel(got, want):
     return float((got.double() - want.double()).abs().max() / (want.double().abs().max() + 1e-30))
 
 
-def _dtype(name):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-            "fp64": torch.float64}[name]
-
-
 # ----------------------------------------------------------------------------------------------
 # Inputs and the steps that are timed
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +106,7 @@ def make_inputs(b, d, dtype_name, device, teacher=False, seed=0):
     """Unit-norm features (as CLIP passes them), scale 100, and a teacher when asked."""
     import torch
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = _dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
 
     def unit():
         x = torch.randn(b, d, generator=gen)
@@ -162,15 +157,7 @@ class Device:
             torch.cuda.synchronize()
 
     def median_ms(self, fn, reps):
-        if self.cuda:
-            return _events_ms(fn, reps)
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[len(times) // 2]
+        return median_ms(fn, self.device, reps=reps, warmup=1)
 
     def reset_peak(self):
         import torch

@@ -14,23 +14,18 @@ sizes (tests/test_spectral_gpu_suite.py)."""
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import torch
 
-from .covariance import time_ms
+from .._common import DTYPE_NAMES, spectrum_matrix, torch_dtype
+from ._timing import median_ms, wall_median_ms
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 COLD_GOAL_MS, WARM_GOAL_MS, SIGMA_GOAL = 1.0, 0.3, 0.5
 
 
 def _matrix(d, kappa, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
-    a = (q * torch.logspace(-math.log10(kappa), 0, d, dtype=torch.float64)) @ q.T
-    return ((a + a.T) / 2).to(device)
+    return spectrum_matrix(d, kappa, seed).to(device)
 
 
 def _features(b, d, device, seed=0, mean=50.0):
@@ -43,21 +38,6 @@ def _row(op, config, err, ms=None, note="", limit=1e-4, ref="fp64"):
     verdict = "ok" if err is not None and err <= limit else "FAIL"
     check = "n/a" if err is None else f"rel err {err:.1e} vs {ref}: {verdict}"
     return {"op": op, "config": config, "check": check, "ms": ms, "tflops": None, "note": note}
-
-
-def wall_ms(fn, device, reps=10) -> float:
-    """Median wall-clock ms of fn() including its host work, synchronised on a GPU."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 # ---- 1. every public op, every dtype --------------------------------------------------------
@@ -125,9 +105,10 @@ def eigen_rows(device, sizes, reps=10) -> list[dict]:
         ref = float(torch.linalg.eigvalsh(a.cpu())[0])
         cfg = f"d={d} kappa={kappa:g}"
         for name, m in (("torch.linalg.eigvalsh fp64", a), ("torch.linalg.eigvalsh fp32", a.float())):
-            ms = time_ms(lambda: torch.linalg.eigvalsh(m), device, reps=reps)
+            ms = median_ms(lambda: torch.linalg.eigvalsh(m), device, reps=reps, warmup=3)
             err = abs(float(torch.linalg.eigvalsh(m)[0]) - ref) / ref
-            rows.append(_row(name, cfg, err, ms, f"baseline; wall {wall_ms(lambda: torch.linalg.eigvalsh(m), device, reps):.3f} ms", limit=1.0))
+            wall = wall_median_ms(lambda: torch.linalg.eigvalsh(m), device, reps)
+            rows.append(_row(name, cfg, err, ms, f"baseline; wall {wall:.3f} ms", limit=1.0))
         # slow drift: the next training step's matrix
         drift = _matrix(d, 1e2, device, seed=1)
         b = a + 1e-3 * ref * drift / float(torch.linalg.matrix_norm(drift.cpu(), 2))
@@ -137,8 +118,8 @@ def eigen_rows(device, sizes, reps=10) -> list[dict]:
             try:
                 def cold():
                     out["cold"] = smallest_eigenvalue(a, method=method, return_info=True)
-                ms = time_ms(cold, device, reps=reps)
-                wall = wall_ms(cold, device, reps)
+                ms = median_ms(cold, device, reps=reps, warmup=3)
+                wall = wall_median_ms(cold, device, reps)
                 val, vec, info = out["cold"]
                 rows.append(_row(f"smallest_eigenvalue {method} cold", cfg,
                                  abs(float(val) - ref) / ref, ms,
@@ -149,8 +130,8 @@ def eigen_rows(device, sizes, reps=10) -> list[dict]:
                 def warm():
                     out["warm"] = smallest_eigenvalue(b, v0=vec, factor=factor, method=method,
                                                       return_info=True)
-                ms = time_ms(warm, device, reps=reps)
-                wall = wall_ms(warm, device, reps)
+                ms = median_ms(warm, device, reps=reps, warmup=3)
+                wall = wall_median_ms(warm, device, reps)
                 val_b, _, info_b = out["warm"]
                 rows.append(_row(f"smallest_eigenvalue {method} warm (v0"
                                  f"{' + factor' if factor else ''}, drift 1e-3 lambda_min)", cfg,
@@ -172,14 +153,15 @@ def sigma_rows(device, dims, reps=10) -> list[dict]:
         z = _features(4 * d, d, device)
         cfg = f"B={4 * d} d={d}"
         ref = float(torch.linalg.eigvalsh(torch.cov(z.double().T).cpu())[0])
-        base = time_ms(lambda: torch.linalg.eigvalsh(torch.cov(z.T)), device, reps=reps)
+        base = median_ms(lambda: torch.linalg.eigvalsh(torch.cov(z.T)), device, reps=reps, warmup=3)
         rows.append(_row("torch.cov + eigvalsh fp32", cfg,
                          abs(float(torch.linalg.eigvalsh(torch.cov(z.T))[0]) - ref) / ref, base,
                          "baseline", limit=1.0))
         for acc in ("fp64", "fp32"):
             try:
-                ms = time_ms(lambda: covariance_sigma_min(z, accumulate=acc), device, reps=reps)
-                wall = wall_ms(lambda: covariance_sigma_min(z, accumulate=acc), device, reps)
+                ms = median_ms(lambda: covariance_sigma_min(z, accumulate=acc), device, reps=reps,
+                               warmup=3)
+                wall = wall_median_ms(lambda: covariance_sigma_min(z, accumulate=acc), device, reps)
                 err = abs(float(covariance_sigma_min(z, accumulate=acc)) - ref) / ref
                 ratio = ms / base
                 rows.append(_row(f"covariance_sigma_min accumulate={acc}", cfg, err, ms,
