@@ -1,7 +1,9 @@
 """calrft-kernels: fused kernels for calibrated robust fine-tuning (CaRot) of CLIP models.
 
-The public API of ../shared/spec/api.md; every op takes CPU or CUDA tensors and picks its backend
-by dispatch (backend="auto": Triton on CUDA, the C++ kernels on CPU)."""
+The public API of docs/api.md; every op takes CPU or CUDA tensors and picks its backend by
+dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU).
+`device_checks(False)` scopes off the argument checks that would synchronise with a GPU."""
+from ._backend import device_checks
 from .contrastive import contrastive_loss
 from .losses import CaRotLoss, ClipLoss
 from .covariance import CovarianceAccumulator, batch_covariance
@@ -10,5 +12,5 @@ from .orthogonality import orthogonality_loss
 
 __all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "batch_covariance",
            "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
-           "smallest_singular_value", "orthogonality_loss"]
+           "smallest_singular_value", "orthogonality_loss", "device_checks"]
 __version__ = "0.1.0"

@@ -4,6 +4,8 @@ Importing this module never needs a GPU, triton or a built extension: every prob
 turns failures into a reason string that error messages quote."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -104,3 +106,30 @@ def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
     if not ok:
         raise ValueError(f"backend={backend!r} is unavailable for {op}: {why}")
     return backend
+
+
+# ---- checks that need a GPU value on the host -----------------------------------------------
+# Some argument checks read a value computed on the device (a tensor logit scale, the finiteness
+# of a weight): on CPU tensors that is free, on GPU tensors it is a host synchronisation per call.
+# `device_checks(False)` skips exactly those checks for non-CPU tensors inside its block (the
+# op's result is then NaN/inf where the check would have raised): for a training loop that must
+# not synchronise per step and checks its loss at log steps. One policy for every op.
+_DEVICE_CHECKS = contextvars.ContextVar("calrft_device_checks", default=True)
+
+
+@contextlib.contextmanager
+def device_checks(enabled: bool):
+    """Within the block, run (True, the default) or skip (False) the argument checks that would
+    synchronise with a GPU; CPU tensors and Python numbers are always checked. Thread- and
+    task-local."""
+    token = _DEVICE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DEVICE_CHECKS.reset(token)
+
+
+def host_checks_for(*tensors) -> bool:
+    """Whether value checks should run for these tensors: always on CPU tensors, on others unless
+    inside device_checks(False)."""
+    return _DEVICE_CHECKS.get() or all(t.device.type == "cpu" for t in tensors)

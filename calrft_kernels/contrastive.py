@@ -16,8 +16,6 @@ How the work is split (docs/design.md has the derivation and the kernel contract
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import numbers
@@ -32,29 +30,15 @@ from .distributed import gather_no_grad, gather_with_grad, world
 
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
-           "check_weight", "global_batch", "with_rows", "device_scalar_checks"]
+           "check_weight", "global_batch", "with_rows"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tensor scalars (logit_scale, logit_bias, teacher_logit_scale) are checked for finiteness. On
 # the CPU that is free; on a GPU it needs their values on the host: ONE synchronisation per call
-# (all scalars stacked into one check). `device_scalar_checks(False)` skips that check on GPU
-# tensors inside its block (a non-finite scale then gives a NaN loss instead of a ValueError):
-# for a training loop that must not synchronise per step and checks its loss at log steps.
-# Python floats are always checked; under torch.compile the check is an asynchronous device
-# assert (no graph break).
-_DEVICE_SCALAR_CHECKS = contextvars.ContextVar("calrft_device_scalar_checks", default=True)
-
-
-@contextlib.contextmanager
-def device_scalar_checks(enabled: bool):
-    """Within the block, check (True, the default) or skip (False) the finiteness of GPU tensor
-    scalars; CPU tensors and Python floats are always checked. Thread- and task-local."""
-    token = _DEVICE_SCALAR_CHECKS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _DEVICE_SCALAR_CHECKS.reset(token)
+# (all scalars stacked into one check), skipped inside calrft_kernels.device_checks(False) (a
+# non-finite scale then gives a NaN loss instead of a ValueError). Python floats are always
+# checked; under torch.compile the check is an asynchronous device assert (no graph break).
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +207,7 @@ def _check_scalar(name: str, value, device, optional: bool = False):
 
 def _check_tensor_scalars_finite(named: dict) -> None:
     """Raise ValueError naming the first non-finite tensor scalar. CPU: free. GPU: one host
-    synchronisation for all of them (skipped inside device_scalar_checks(False)). Under torch.compile:
+    synchronisation for all of them (skipped inside calrft_kernels.device_checks(False)). Under torch.compile:
     an asynchronous assert in the graph (no graph break, no sync; fails as a RuntimeError)."""
     tensors = {name: v for name, v in named.items() if isinstance(v, Tensor)}
     if not tensors:
@@ -232,7 +216,7 @@ def _check_tensor_scalars_finite(named: dict) -> None:
         for value in tensors.values():
             torch._assert_async(torch.isfinite(value.detach()))
         return
-    if not _DEVICE_SCALAR_CHECKS.get() and any(v.device.type != "cpu" for v in tensors.values()):
+    if not _backend.host_checks_for(*tensors.values()):
         return
     flags = torch.stack([torch.isfinite(v.detach().float()) for v in tensors.values()])
     if bool(flags.all()):

@@ -280,12 +280,13 @@ def test_non_finite_tensor_scalars_name_the_argument(backend, name, value):
 
 
 def test_finite_scalars_pass_and_the_check_can_be_skipped_for_device_tensors():
-    from calrft_kernels import contrastive
+    from calrft_kernels import _backend, device_checks
     x = torch.randn(4, 3)
     assert torch.isfinite(contrastive_loss(x, x, torch.tensor(3.0), torch.tensor(-1.0)))
     # the opt-out only concerns GPU tensors (the check is free on CPU tensors): still raises
-    with contrastive.device_scalar_checks(False):
-        assert not contrastive._DEVICE_SCALAR_CHECKS.get()
+    off_cpu = torch.empty((), device="meta")
+    with device_checks(False):
+        assert not _backend.host_checks_for(off_cpu)
         with pytest.raises(ValueError, match="logit_scale must be finite"):
             contrastive_loss(x, x, torch.tensor(float("inf")))
-    assert contrastive._DEVICE_SCALAR_CHECKS.get()          # restored on exit
+    assert _backend.host_checks_for(off_cpu)                # restored on exit

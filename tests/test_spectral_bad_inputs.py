@@ -221,3 +221,15 @@ def test_covariance_sigma_min_fp32_accumulation_overflow():
     bad[3, 3] = float("inf")
     with pytest.raises(ValueError, match="z contains NaN or infinity"):
         ck.covariance_sigma_min(bad, accumulate="fp32")
+
+
+def test_orthogonality_checks_cpu_tensors_even_inside_device_checks_off():
+    """device_checks(False) only skips checks that would synchronise with a GPU: CPU tensors are
+    still checked, and a finite weight gives the same loss either way."""
+    w = torch.randn(12, 5, dtype=torch.float64)
+    with ck.device_checks(False):
+        with pytest.raises(ValueError, match="w contains NaN"):
+            ck.orthogonality_loss(torch.full((3, 2), float("nan")))
+        inside = ck.orthogonality_loss(w)
+    assert inside == ck.orthogonality_loss(w)
+    assert _backend.host_checks_for(torch.empty((), device="meta"))

@@ -205,6 +205,31 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch):
     assert all(torch.is_tensor(v) and v.ndim == 0 for k, v in calls[0].items() if k != "ema_momentum")
 
 
+def test_the_objective_skips_the_ops_synchronising_checks(tmp_path, monkeypatch):
+    """Inside a step the ops' GPU-synchronising checks are off (calrft_kernels.device_checks);
+    outside it they are on again. Checked through the policy the ops consult."""
+    from calrft_kernels import _backend
+    off_cpu = torch.empty((), device="meta")
+    t = make_trainer(tmp_path, "carot", micro=4, dtype=torch.float32, steps=1, evals=False)
+    seen = []
+    real = t.stepper.objective.carot_loss.forward
+
+    def spy(*args, **kwargs):
+        seen.append(_backend.host_checks_for(off_cpu))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(t.stepper.objective.carot_loss, "forward", spy)
+    t.fit()
+    assert seen and not any(seen)
+    assert _backend.host_checks_for(off_cpu)
+
+
+def test_a_non_finite_loss_stops_at_the_log_step():
+    steps.check_finite_loss({"loss": 1.5, "contrastive": 0.5}, step=3)
+    with pytest.raises(FloatingPointError, match="not finite at step 7 .*loss=nan"):
+        steps.check_finite_loss({"loss": float("nan"), "contrastive": 0.5}, step=7)
+
+
 @pytest.mark.parametrize("kw,match", [({"micro_batch_size": 0}, "micro_batch_size"),
                                       ({"precision": "half"}, "precision"),
                                       ({"train_data": "a.tar", "train_csv": "b.csv"}, "train"),

@@ -307,6 +307,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:                    # a diverged run (steps.check_finite_loss)
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
         notes = "; ".join(getattr(exc, "__notes__", []))
         if exc.errno == errno.ENOSPC:

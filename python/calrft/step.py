@@ -37,13 +37,14 @@ tensors, read by the caller only at a log step (no host synchronisation per step
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import models
-from .ops import CaRotLoss, contrastive_loss
+from .ops import CaRotLoss, contrastive_loss, device_checks
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("carot", "flyp", "ft")
@@ -117,7 +118,13 @@ class Objective:
             raise ValueError("carot_loss: method carot needs a CaRotLoss")
 
     def __call__(self, img, txt, scale, *, labels=None, teacher=None, clip=None) -> dict:
-        """{term: 0-d tensor} with "total", the loss to differentiate."""
+        """{term: 0-d tensor} with "total", the loss to differentiate. The ops' checks that would
+        synchronise with a GPU (finiteness of the logit scale and the projections) are skipped:
+        a non-finite value shows as a non-finite loss, which the trainer checks at log steps."""
+        with device_checks(False):
+            return self._terms(img, txt, scale, labels=labels, teacher=teacher, clip=clip)
+
+    def _terms(self, img, txt, scale, *, labels, teacher, clip) -> dict:
         targets = labels if self.supervised_targets else None
         if self.method == "flyp":
             loss = contrastive_loss(img, txt, scale, labels=targets, process_group=self.process_group)
@@ -294,3 +301,13 @@ def materialise(terms: dict) -> dict:
     out = dict(terms)
     out.update(zip(tensors, values))
     return out
+
+
+def check_finite_loss(terms: dict, step: int) -> None:
+    """Raise FloatingPointError when a materialised loss term is NaN or infinite (the ops skip
+    their synchronising checks inside a step, so a diverged run is caught here, at a log step)."""
+    bad = {k: v for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"the loss is not finite at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}): "
+            f"training diverged (lower --lr, or check the data and --precision)")

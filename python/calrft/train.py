@@ -318,6 +318,7 @@ class Trainer:
                     # the loss terms stay on the device until here: one host sync per log step;
                     # samples/s over the steps since the last log (the sync ends them)
                     terms = steps.materialise(terms)
+                    steps.check_finite_loss(terms, self.step)
                     now = time.perf_counter()
                     rate = cfg.batch_size * (self.step - mark[1]) / max(1e-9, now - mark[0])
                     mark = (now, self.step)
