@@ -31,27 +31,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "python")]
+from benchmarks import _common  # noqa: E402
 from calrft import ema, models  # noqa: E402
 from calrft.ops import CaRotLoss  # noqa: E402
-
-
-def naive_carot_loss(img, txt, scale, *, visual_proj, text_proj, teacher_image_features,
-                     teacher_text_features, teacher_logit_scale, distill_weight=1.5, orth_weight=0.2,
-                     cross_weight=0.05):
-    """The official code's structure: logits materialised, CE both ways, teacher soft targets
-    materialised, soft CE both ways, plus the two projection terms (log_softmax, not log(softmax))."""
-    logits = scale * img @ txt.T
-    target = torch.arange(img.shape[0])
-    mcl = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    with torch.no_grad():
-        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
-        p_row, p_col = t.softmax(1), t.T.softmax(1)
-    sd = (-(p_row * logits.log_softmax(1)).sum(1).mean() - (p_col * logits.T.log_softmax(1)).sum(1).mean())
-    eye = torch.eye(visual_proj.shape[1])
-    oc = torch.linalg.matrix_norm(visual_proj.T @ visual_proj - eye)
-    cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)
-    return mcl + distill_weight * sd + orth_weight * oc + cross_weight * cf
 
 
 def make_batch(batch, tokenizer, seed=0):
@@ -92,9 +76,6 @@ def setup(batch):
     return model, teacher, opt, images, texts
 
 
-LOSSES = {"fused": CaRotLoss(), "naive": naive_carot_loss}
-
-
 def time_batch(batch, reps):
     model, teacher, opt, images, texts = setup(batch)
     rows = {name: [] for name in LOSSES}
@@ -106,24 +87,15 @@ def time_batch(batch, reps):
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
 
 
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def reset_peak_rss():
     """Reset the kernel's high-water mark (Linux >= 4.0), so that imports and set-up, whose
     transient peak is above a small step's, do not hide the step's own peak; returns RSS now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mib("VmRSS")
+    _common.reset_peak_rss()
+    return _common.proc_status_kib("VmRSS") / 1024
 
 
 def peak_rss_mib():
-    return _status_mib("VmHWM")
+    return _common.proc_status_kib("VmHWM") / 1024
 
 
 def peak_memory_child(kind, name, batch, steps):
@@ -188,6 +160,9 @@ class NaiveCaRot(torch.nn.Module):
         cf = torch.linalg.matrix_norm(visual_proj @ text_proj.T)
         total = loss + self.orth_weight * oc + self.cross_weight * cf
         return {"total": total} if output_dict else total
+
+
+LOSSES = {"fused": CaRotLoss(), "naive": NaiveCaRot()}
 
 
 def cached_setup(loss_name, batch, micro, *, model_fn=bench_model, device="cpu", precision="auto",
