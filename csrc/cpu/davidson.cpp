@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/registry.h"
+#include "common/solve_result.h"
 #include "cpu/dense_blocks.h"
 #include "common/spectral_math.h"
 // The CUDA solver's host-side building blocks are plain ATen: included here only so that the
@@ -447,22 +448,6 @@ EigOut davidson(const Problem& problem, const at::Tensor& v0, at::Tensor factor,
   out.values = at::tensor(std::vector<double>(theta.begin(), theta.begin() + nb), at::kDouble);
   at::Tensor vecs = at::from_blob(x.data(), {d, nb}, at::kDouble).clone();
   out.vectors = vecs / vecs.norm(2, {0}, true);
-  return out;
-}
-
-// A solve as the Python layer reads it (calrft_kernels/eigen.py builds its SolveResult from these
-// names). status: "ok", "nonfinite" (a NaN/inf in the lower triangle: nothing was solved) or
-// "no_factor" (no shifted fp32 factorisation exists: the caller uses the dense solver).
-pybind11::dict solve_result(const EigOut& r, const char* status) {
-  pybind11::dict out;
-  out["values"] = r.values;
-  out["vectors"] = r.vectors;
-  out["factor"] = r.factor;
-  out["delta"] = r.delta;
-  out["iterations"] = r.iterations;
-  out["converged"] = r.converged;
-  out["estimate"] = r.estimate;
-  out["status"] = status;
   return out;
 }
 

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/registry.h"
+#include "common/solve_result.h"
 #include "cuda/davidson_blocks.h"
 #include "common/spectral_math.h"
 
@@ -267,19 +268,6 @@ Solve davidson_cuda(const at::Tensor& a, const at::Tensor& v0, const at::Tensor&
   out.iterations = int64_t(st[0].item<double>());
   out.converged = st[1].item<double>() > 0;
   out.estimate = st[3].item<double>();
-  return out;
-}
-
-pybind11::dict solve_result(const Solve& r, const char* status) {
-  pybind11::dict out;
-  out["values"] = r.values;
-  out["vectors"] = r.vectors;
-  out["factor"] = r.factor;
-  out["delta"] = r.delta;
-  out["iterations"] = r.iterations;
-  out["converged"] = r.converged;
-  out["estimate"] = r.estimate;
-  out["status"] = status;
   return out;
 }
 
