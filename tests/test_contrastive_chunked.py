@@ -14,7 +14,7 @@ from calrft_kernels.triton import contrastive_chunked as tcc
 
 from test_contrastive_loss import OPTIONS, assert_close_to_reference, make_inputs
 
-SIZES = [(1, 1), (7, 3), (97, 65), (130, 3), (130, 65)]
+SIZES = [(1, 1), (7, 3), (97, 65), (130, 3), (130, 65), (5, 1024)]
 
 
 def _chunk_options(b):

@@ -44,7 +44,9 @@ SELECTABLE_CASES = ((4096, 768, "bf16"), (32768, 768, "bf16"), (32768, 768, "fp3
                     (65536, 768, "bf16"))
 PATHS = ("chunked", "triton")
 CORRECTNESS_CASES = ((65536, 768, "bf16", False), (32768, 768, "fp32", False),
-                     (32768, 768, "bf16", True))
+                     (32768, 768, "bf16", True),
+                     # the ends of the issue's range: B = 1M (d = 1) and d = 1024
+                     (1 << 20, 1, "fp32", False), (8192, 1024, "bf16", True))
 CARROT_B, CARROT_D = 32768, 768
 FIRST_CALL = (24576, 768, "bf16")  # a new batch size (after 16384 / 32768 were run)
 CHECK_SIZES = ((257, 1031, 513), (1000, 999, 64))  # (M, N, d): non-multiples of every tile
