@@ -30,16 +30,27 @@ COVARIANCE_BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 def covariance_centred_mm(z: Tensor, correction: float):
     """(Sigma, mean): the "cuda" backend, device-agnostic PyTorch. One pass for the mean (fp32
-    accumulation, fp64 for fp64), one pass that writes the centred rows in z's dtype (the only
-    copy, B x d), one matrix product whose output is fp32 (fp64 for fp64): on a GPU, a cuBLAS
+    accumulation, fp64 for fp64), one pass that writes the rows centred on a shift in z's dtype
+    (the only copy, B x d), one matrix product whose output is fp32 (fp64 for fp64), plus a rank-
+    one correction of the shift's residual (16-bit z): on a GPU, a cuBLAS
     GEMM with 16-bit tensor-core operands and fp32 accumulation. Centring before the product
     keeps the two-pass accuracy (the centred values are O(spread), not O(mean)). Exactly
     symmetric: (C + C^T) / 2 (floating-point addition is commutative)."""
     acc = compute_dtype(z.dtype)
     n = z.shape[0]
     mean = z.sum(0, dtype=acc) / n
-    centred = (z.to(acc) - mean).to(z.dtype) if z.dtype != acc else z - mean
-    cov = _product_t(centred, acc)
+    if z.dtype == acc:
+        cov = _product_t(z - mean, acc)
+    else:
+        # 16-bit z: centre on s = the mean rounded to z's dtype, in z's dtype (one read and one
+        # write of B x d 16-bit values; no fp32 copy). Where the mean dominates the spread (what
+        # centring is for) every entry lies within a factor 2 of s, so z - s is exact (Sterbenz);
+        # elsewhere it rounds no worse than centred values stored in z's dtype would. The
+        # shift's residual r = mean - s (|r| <= 2^-8 |mean| in bf16) is removed by a rank-one
+        # update in fp32: sum (z - s)(z - s)^T - n r r^T = sum (z - mean)(z - mean)^T.
+        shift = mean.to(z.dtype)
+        residual = mean - shift.to(acc)
+        cov = _product_t(z - shift, acc).addr_(residual, residual, alpha=-n)
     cov = (cov + cov.T).mul_(0.5 / (n - correction))
     return cov, mean
 
