@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["stats_forward", "stats_backward", "chunk_rows_for", "chunk_stats_torch",
-           "chunk_ds_torch", "merge_partials", "finalize_partials", "MAX_BUFFER_BYTES"]
+           "chunk_ds_torch", "merge_partials", "finalize_partials", "MAX_BUFFER_BYTES", "addmm_acc",
+           "mm_acc"]
 
 MAX_BUFFER_BYTES = 512 * 2 ** 20
 _HALF = (torch.float16, torch.bfloat16)
@@ -80,6 +81,39 @@ def _out_dtype_supported(device: torch.device) -> bool:
             ok = False
         _OUT_DTYPE_OK[key] = ok
     return _OUT_DTYPE_OK[key]
+
+
+_ADDMM_OUT_DTYPE_OK: dict = {}
+
+
+def _addmm_out_dtype_correct(device: torch.device) -> bool:
+    """Whether torch.addmm(fp32 c, half a, half b, out_dtype=torch.float32) exists here AND gives
+    c + a b on a small probe (its fp32-`self` form was fixed only in late 2025, pytorch #167931;
+    a wrong or missing overload falls back to a product plus an add)."""
+    key = str(device)
+    if key not in _ADDMM_OUT_DTYPE_OK:
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            a, b = (torch.randn(8, 16, generator=g).to(device, torch.bfloat16) for _ in range(2))
+            c = torch.randn(8, 8, generator=g).to(device)
+            got = torch.addmm(c, a, b.T, out_dtype=torch.float32)
+            want = c + a.float() @ b.float().T
+            ok = got.dtype == torch.float32 and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _ADDMM_OUT_DTYPE_OK[key] = ok
+    return _ADDMM_OUT_DTYPE_OK[key]
+
+
+def addmm_acc(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """c + a @ b for an fp32/fp64 accumulator c: in place for operands of c's dtype; for half
+    operands one cuBLAS GEMM with beta = 1 and an fp32 result (no [N, d] fp32 product to add
+    afterwards) where the overload is correct here, else the product plus an add."""
+    if a.dtype == c.dtype:
+        return torch.addmm(c, a, b, out=c)  # in place; aten.addmm (FlopCounterMode counts it)
+    if a.is_cuda and _addmm_out_dtype_correct(a.device):
+        return torch.addmm(c, a, b, out_dtype=c.dtype)
+    return c.add_(mm_acc(a, b))
 
 
 def mm_acc(a: Tensor, b: Tensor) -> Tensor:
@@ -291,10 +325,9 @@ def stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, sca
         del x, t
         if ds.dtype == acc:
             torch.mm(ds, k, out=dq[c0:c1])
-            torch.addmm(dk, ds.T, q[c0:c1], out=dk)  # in place (aten.addmm: counted)
         else:
             dq[c0:c1] = mm_acc(ds, k)
-            dk += mm_acc(ds.T, q[c0:c1])
+        dk = addmm_acc(dk, ds.T, q[c0:c1])
         del ds
     if factor != 1.0:
         dq.div_(factor)

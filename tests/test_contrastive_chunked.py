@@ -228,3 +228,18 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_addmm_acc_accumulates_in_fp32(dtype):
+    """dK's accumulation: c + a @ b with an fp32 accumulator, in place for fp32 operands and
+    through the half-operand path (its CPU fallback here; the CUDA overload is probed for
+    correctness before use) for 16-bit operands."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(9, 5, generator=g).to(dtype)
+    b = torch.randn(5, 7, generator=g).to(dtype)
+    c = torch.randn(9, 7, generator=g)
+    want = c + a.float() @ b.float()
+    got = chunked.addmm_acc(c.clone(), a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
