@@ -2,7 +2,8 @@
 backend="chunked" against the float64 reference at awkward sizes with every option and chunk
 sizes that do not divide B; gradcheck; the fused Triton passes (interpreted, CPU tensors)
 against their plain-torch equivalents; and the work it does, counted with FlopCounterMode.
-The distributed path (process_group) is covered in tests/test_contrastive_distributed.py."""
+The distributed path (process_group) is covered in tests/test_contrastive_distributed.py, and
+torch.compile with this backend in tests/test_contrastive_loss.py."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -206,28 +207,6 @@ def test_reference_backward_formula_equals_autograd_of_the_reference(teacher, wi
                                                      grad_col=h, with_cols=with_cols)
     torch.testing.assert_close(dq_u * scale, dq, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dk_u * scale, dk, rtol=1e-12, atol=1e-12)
-
-
-def test_torch_compile_fullgraph_matches_eager():
-    """The chunked kernel sits behind the same custom op: torch.compile traces the loss and its
-    backward in one graph (fullgraph) with the eager results."""
-    inputs, kwargs = make_inputs(23, 9, dtype=torch.float32, seed=4, **OPTIONS["all"])
-
-    def loss_fn(image, text, scale):
-        return contrastive_loss(image, text, scale, inputs.get("logit_bias"), **kwargs,
-                                backend="chunked", chunk_rows=10)
-
-    def run(fn):
-        leaves = [inputs[k].detach().clone().requires_grad_()
-                  for k in ("image_features", "text_features", "logit_scale")]
-        loss = fn(*leaves)
-        loss.backward()
-        return [loss] + [leaf.grad for leaf in leaves]
-
-    eager = run(loss_fn)
-    compiled = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -218,16 +218,19 @@ def test_float64_on_triton_is_refused_clearly():
         contrastive_loss(x, x, 1.0, backend="triton")
 
 
-@pytest.mark.parametrize("option,compiler", [("plain", "aot_eager"), ("all", "aot_eager"),
-                                             ("all", "inductor")])
-def test_torch_compile_fullgraph_matches_eager(option, compiler):
+@pytest.mark.parametrize("option,compiler,backend", [("plain", "aot_eager", "cpu"),
+                                                     ("all", "aot_eager", "cpu"),
+                                                     ("all", "inductor", "cpu"),
+                                                     ("all", "aot_eager", "chunked")])
+def test_torch_compile_fullgraph_matches_eager(option, compiler, backend):
     """The op's fake kernels and registered autograd let torch.compile trace forward and
     backward in one graph (fullgraph: no graph break) with the same results as eager."""
     inputs, kwargs = make_inputs(23, 9, dtype=torch.float32, seed=4, **OPTIONS[option])
 
     def loss_fn(image, text, scale):
+        # chunk_rows: several chunks, the last one short (23 rows)
         return contrastive_loss(image, text, scale, inputs.get("logit_bias"), **kwargs,
-                                backend="cpu")
+                                backend=backend, **({"chunk_rows": 10} if backend == "chunked" else {}))
 
     def run(fn):
         leaves = [inputs[k].detach().clone().requires_grad_()

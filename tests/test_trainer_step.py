@@ -16,14 +16,7 @@ from _trainer_util import CLASSES, tiny_config, tiny_data, tiny_model
 METHODS = ("carot", "flyp", "ft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops gain nothing from threads; on a busy 2-core machine a second thread
-    made each step ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def add_dropout(model, p=0.3):

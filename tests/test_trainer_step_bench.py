@@ -8,12 +8,7 @@ from benchmarks import bench_train_step
 from benchmarks.gpu import trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gpu_trainer_section_runs_on_cpu_with_a_tiny_model():

@@ -16,12 +16,7 @@ from test_trainer_data import make_tree
 CLASSES = ["ant", "bee", "cat"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_shards(root, n_shards=4, per_shard=5, corrupt=("000007",)):
