@@ -15,12 +15,6 @@ from .ops import CovarianceAccumulator, smallest_eigenvalue
 log = logging.getLogger("calrft.evaluate")
 
 
-def autocast(device, precision="auto"):
-    """Evaluation's autocast: the training precision setting (step.autocast; "auto" is bf16 on
-    CUDA, fp32 on CPU)."""
-    return steps.autocast(device, precision)
-
-
 @torch.no_grad()
 def zeroshot_head(model, tokenizer, classnames, templates, device="cpu", precision="auto") -> torch.Tensor:
     """[C, d]: per class, the mean of the L2-normalised text embeddings of every template, then
@@ -31,7 +25,7 @@ def zeroshot_head(model, tokenizer, classnames, templates, device="cpu", precisi
     rows = []
     for name in classnames:
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        with autocast(device, precision):
+        with steps.autocast(device, precision):  # the training precision setting
             emb = model.encode_text(tokens, normalize=True).float()
         mean = emb.mean(0)
         rows.append(mean / mean.norm())
@@ -73,7 +67,7 @@ def predict(model, classifier, loader, device="cpu", accumulator=None, precision
         if batch["labels"].numel() == 0:
             continue
         images = batch["images"].to(device, non_blocking=True)
-        with autocast(device, precision):
+        with steps.autocast(device, precision):  # the training precision setting
             feats = model.encode_image(images, normalize=True).float()
         if accumulator is not None:
             accumulator.update(feats)

@@ -240,9 +240,6 @@ class Trainer:
         return data.train_loader(self.train_set, self.tokenizer, sampler, self.cfg.workers)
 
     # ---- one step ----
-    def autocast(self):
-        return steps.autocast(self.device, self.cfg.precision)
-
     def train_step(self, batch) -> dict:
         """One optimiser step (plain, or feature-cached with --micro-batch-size; step.py).
         Returns the loss terms as detached 0-d tensors (step.materialise reads them at a log
