@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import compute_dtype
+
 __all__ = ["stats_forward", "stats_backward", "chunk_rows_for", "chunk_stats_torch",
            "chunk_ds_torch", "merge_partials", "finalize_partials", "MAX_BUFFER_BYTES", "addmm_acc",
            "mm_acc"]
@@ -124,10 +126,6 @@ def mm_acc(a: Tensor, b: Tensor) -> Tensor:
     if _out_dtype_supported(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +255,7 @@ def stats_forward(q: Tensor, k: Tensor, scale, bias, tq: Optional[Tensor] = None
     assert q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1], "q, k: [M, d], [N, d]"
     m, n = q.shape[0], k.shape[0]
     teacher = tq is not None
-    acc = _acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     dev = q.device
     scale, bias = _scalar(scale, acc, dev), _scalar(bias, acc, dev)
     tscale = _scalar(tscale, acc, dev) if teacher else None
@@ -292,7 +290,7 @@ def stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, sca
     """(dq_u = dS k [M, d], dk_u = dS^T q [N, d]) of the kernel contract, chunk by chunk."""
     m, n = q.shape[0], k.shape[0]
     teacher = tq is not None
-    acc = _acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     dev = q.device
     r = 3 if teacher else 1
     assert row_stats is not None and tuple(row_stats.shape) == (r, m), "row_stats: [R, M]"

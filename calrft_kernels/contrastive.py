@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._checks import FLOAT_DTYPES, compute_dtype
 from .distributed import gather_no_grad, gather_with_grad, world
 
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
            "check_weight", "global_batch", "with_rows"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tensor scalars (logit_scale, logit_bias, teacher_logit_scale) are checked for finiteness. On
 # the CPU that is free; on a GPU it needs their values on the host: ONE synchronisation per call
@@ -44,11 +44,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 # dtype policy (one place)
 # --------------------------------------------------------------------------------------------
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and gradients accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
     """The operand dtype a backend's kernel reads. The C++ kernel, the reference and the chunked
     path on a CPU read float32/float64 (half types are upcast: CPU BLAS has no fast half GEMM);
@@ -108,7 +103,7 @@ def contrastive_stats(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, tq: Opt
 
 @contrastive_stats.register_fake
 def _(q, k, scale, bias, tq, tk, tscale, with_cols, backend, chunk_rows=0):
-    r, dtype = _n_stats(tq), stats_dtype(q.dtype)
+    r, dtype = _n_stats(tq), compute_dtype(q.dtype)
     cols = k.shape[0] if with_cols else 0
     return q.new_empty((r, q.shape[0]), dtype=dtype), q.new_empty((r, cols), dtype=dtype)
 
@@ -128,7 +123,7 @@ def contrastive_stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k:
 @contrastive_stats_backward.register_fake
 def _(grad_row, grad_col, q, k, scale, bias, tq, tk, tscale, row_stats, col_stats, with_cols,
       backend, chunk_rows=0):
-    dtype = stats_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
@@ -168,7 +163,7 @@ contrastive_stats.register_autograd(_stats_backward, setup_context=_stats_setup_
 def _check_features(name: str, x, like: Optional[Tensor] = None) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
@@ -422,7 +417,7 @@ def contrastive_terms(inputs: ContrastiveInputs,
     batch = global_batch(inputs) if batch is None else batch
     image, text, backend = inputs.image, inputs.text, inputs.backend
     kdtype = kernel_dtype(image.dtype, backend, image.device)
-    sdtype = stats_dtype(kdtype)
+    sdtype = compute_dtype(kdtype)
     device = image.device
     scale = _as_scalar_tensor(inputs.scale, sdtype, device)
     bias = _as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._spectral_checks import (check_correction, check_result_finite, check_tensor,
+from ._checks import (check_correction, check_result_finite, check_tensor,
                                compute_dtype)
 from .reference import covariance_reference
 

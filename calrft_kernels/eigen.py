@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._spectral_checks import (check_correction, check_finite, check_real, check_result_finite,
+from ._checks import (check_correction, check_finite, check_real, check_result_finite,
                                check_square, check_tensor, check_tol, compute_dtype,
                                power_of_two_scale)
 from .covariance import covariance_impl, resolve_covariance_backend

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._spectral_checks import check_finite, check_tensor, compute_dtype, power_of_two_scale
+from ._checks import check_finite, check_tensor, compute_dtype, power_of_two_scale
 
 
 def _scaled_residual(w: Tensor, scale: float):

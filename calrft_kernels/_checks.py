@@ -1,6 +1,6 @@
-"""Argument checks shared by the covariance and eigen-solver families (calrft_kernels/covariance.py,
-calrft_kernels/eigen.py, calrft_kernels/orthogonality.py). Every check raises ValueError or
-TypeError naming the argument, at the Python boundary; the kernels below assume checked input."""
+"""Argument checks and dtype rules shared by the op families (contrastive, chunked, covariance,
+eigen, orthogonality). Every check raises ValueError or TypeError naming the argument, at the
+Python boundary; the kernels below assume checked input."""
 from __future__ import annotations
 
 import math
@@ -85,6 +85,7 @@ def check_correction(correction, rows: int) -> float:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every op accumulates in: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
