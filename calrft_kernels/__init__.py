@@ -3,7 +3,7 @@
 The public API of docs/api.md; every op takes CPU or CUDA tensors and picks its backend by
 dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU).
 `device_checks(False)` scopes off the argument checks that would synchronise with a GPU."""
-from ._backend import device_checks
+from ._backend import device_checks  # first: it loads torch, then the native extension
 from .contrastive import contrastive_loss
 from .losses import CaRotLoss, ClipLoss
 from .covariance import CovarianceAccumulator, batch_covariance

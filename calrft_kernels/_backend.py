@@ -1,7 +1,7 @@
 """Which backends exist on this machine, and why not when one does not.
 
-Importing this module never needs a GPU, triton or a built extension: every probe is lazy and
-turns failures into a reason string that error messages quote."""
+Importing this module never needs a GPU, triton or a built extension: every probe turns failures
+into a reason string that error messages quote."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +10,27 @@ import functools
 import importlib
 import os
 
+# The extension links against torch's shared libraries (libc10, libtorch): they are found only
+# once torch is loaded, so torch comes first whatever the user imports first.
+import torch  # noqa: F401
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference", "chunked")
+NATIVE_NAME = "calrft_kernels._C"
 
 
 def _import_native():
+    """(module, "") or (None, why): "not built" only when there is no extension file; a built one
+    that fails to load says so with the loader's reason (a torch it was not built against, a
+    missing library)."""
     try:
-        return importlib.import_module("calrft_kernels._C"), ""
-    except ImportError as exc:  # not built: pip install -e . (see README)
-        return None, f"the native extension calrft_kernels._C is not built ({exc})"
+        return importlib.import_module(NATIVE_NAME), ""
+    except ModuleNotFoundError as exc:
+        if exc.name != NATIVE_NAME:  # the extension is there but needs a module that is not
+            return None, f"the native extension {NATIVE_NAME} failed to load ({exc})"
+        return None, (f"the native extension {NATIVE_NAME} is not built (pip install "
+                      f"--no-build-isolation -e . builds it; see the README)")
+    except ImportError as exc:  # found, but the loader refused it (missing library, bad symbol)
+        return None, f"the native extension {NATIVE_NAME} failed to load ({exc})"
 
 
 # Probed once at import (cheap, never fails): torch.compile traces through the dispatch code,

@@ -74,12 +74,19 @@ def check_tol(tol, max_iter) -> None:
         raise ValueError(f"max_iter must be a positive int or None, got {max_iter!r}")
 
 
-def check_correction(correction, rows: int) -> float:
+def check_correction(correction, rows: int, name: str = "z") -> float:
+    """A covariance's correction (finite, >= 0, below the number of rows of `name`). Too few rows
+    for the usual corrections (0 or 1, Bessel's) is the rows' fault, and the error says so."""
     if isinstance(correction, bool) or not isinstance(correction, numbers.Real):
         raise TypeError(f"correction must be a number, got {type(correction).__name__}")
     correction = float(correction)
-    if not math.isfinite(correction) or correction < 0 or rows - correction <= 0:
-        raise ValueError(f"correction must be >= 0 and below the number of rows ({rows}), "
+    if not math.isfinite(correction) or correction < 0:
+        raise ValueError(f"correction must be a finite number >= 0, got {correction}")
+    if rows - correction <= 0:
+        if correction <= 1:
+            raise ValueError(f"{name} has {rows} row{'' if rows == 1 else 's'}: a covariance needs "
+                             f"at least {'one row' if correction == 0 else 'two rows'}")
+        raise ValueError(f"correction must be below the number of rows of {name} ({rows}), "
                          f"got {correction}")
     return correction
 

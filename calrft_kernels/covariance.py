@@ -233,11 +233,7 @@ class CovarianceAccumulator:
         return self
 
     def covariance(self, correction: float = 1) -> Tensor:
-        if isinstance(correction, bool) or not isinstance(correction, numbers.Real):
-            raise TypeError(f"correction must be a number, got {type(correction).__name__}")
-        if not correction >= 0 or self.count - correction <= 0:
-            raise ValueError(f"correction={correction} needs more than {correction} rows, "
-                             f"the accumulator has seen {self.count}")
+        correction = check_correction(correction, self.count, name="the accumulator")
         return self.comoment / (self.count - correction)
 
     def state_dict(self) -> dict:

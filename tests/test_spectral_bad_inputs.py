@@ -233,3 +233,36 @@ def test_orthogonality_checks_cpu_tensors_even_inside_device_checks_off():
         inside = ck.orthogonality_loss(w)
     assert inside == ck.orthogonality_loss(w)
     assert _backend.host_checks_for(torch.empty((), device="meta"))
+
+
+# ---- issue 22: too few rows is the rows' fault, not the correction's -------------------------
+
+@pytest.mark.parametrize("op", [
+    lambda z, **kw: ck.covariance_sigma_min(z, **kw),
+    lambda z, **kw: ck.batch_covariance(z, **kw),
+], ids=["covariance_sigma_min", "batch_covariance"])
+@pytest.mark.parametrize("rows,kwargs,match", [
+    (1, {}, r"^z has 1 row: a covariance needs at least two rows$"),
+    (0, {}, r"^z has 0 rows: a covariance needs at least two rows$"),
+    (1, {"correction": 1}, r"^z has 1 row: a covariance needs at least two rows$"),
+    (0, {"correction": 0}, r"^z has 0 rows: a covariance needs at least one row$"),
+    (3, {"correction": 3}, r"^correction must be below the number of rows of z \(3\), got 3\.0$"),
+    (3, {"correction": -1}, r"^correction must be a finite number >= 0"),
+])
+def test_too_few_rows_names_the_rows(op, rows, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        op(torch.randn(rows, 4, dtype=torch.float64), **kwargs)
+
+
+def test_one_row_with_correction_zero_is_a_zero_covariance():
+    z = torch.randn(1, 4, dtype=torch.float64)
+    assert torch.equal(ck.batch_covariance(z, correction=0), torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_accumulator_with_one_row_names_the_rows():
+    acc = _acc(rows=1)
+    with pytest.raises(ValueError, match=r"^the accumulator has 1 row: a covariance needs at least two rows$"):
+        acc.covariance()
+    with pytest.raises(TypeError, match="correction must be a number"):
+        acc.covariance(correction="1")
+    assert torch.equal(acc.covariance(correction=0), torch.zeros(8, 8, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""The `calrft` command: train, eval, wise-ft and demo for calibrated robust fine-tuning of
+"""The `calrft` command: train, eval, wise-ft, demo and env for calibrated robust fine-tuning of
 open_clip models.
 
 Every subcommand takes --config FILE (YAML, JSON or TOML with the same keys as its flags,
@@ -239,6 +239,13 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_env(args):
+    from . import envinfo
+    text, ok = envinfo.report()
+    print(text)
+    return 0 if ok else 1
+
+
 def build_parser():
     doc = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
@@ -288,6 +295,12 @@ def build_parser():
     p.add_argument("--sigma-min-weight", type=float, default=None, help="CaRot's direct sigma_min regulariser weight")
     p.add_argument("--config", metavar="FILE", help="YAML, JSON or TOML of fine-tuning overrides (TrainConfig keys)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("env", help="versions, the native extension and GPU, and a self-check of each backend",
+                       description="Print what this installation runs on (for bug reports) and check each "
+                                   "backend that runs here against the float64 reference; exit 1 if the "
+                                   "native extension failed to load or a check failed.")
+    p.set_defaults(func=cmd_env)
     return parser
 
 
