@@ -92,6 +92,32 @@ def _extension():
         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
 
+def _torch_requirement():
+    """The extension is compiled against this torch's C++ ABI: a wheel needs exactly it (a local
+    build tag such as +cu130 is left out, so any build of that version satisfies it)."""
+    return "torch==" + torch.__version__.split("+")[0]
+
+
+# What the two packages import at run time (tests/test_packaging.py walks their imports and fails
+# on one that no requirement here declares). Lower bounds are the versions the test suite runs
+# (requirements.txt pins them exactly for development); torch is pinned to the build's.
+INSTALL_REQUIRES = [
+    _torch_requirement(),
+    "triton; platform_system == 'Linux'",   # the GPU kernels (torch brings the matching one)
+    "open_clip_torch>=3.3",                   # models, tokenizers, ClipLoss semantics
+    "numpy>=2.4",
+    "pillow>=11",
+    "PyYAML>=6.0",                            # --config files
+    "tqdm>=4.66",                             # progress bars
+    "scikit-learn>=1.5",                      # the demo's digits data
+    "safetensors>=0.4",                       # .safetensors weights (calrft eval / wise-ft)
+    "matplotlib>=3.9",                        # report and WiSE-FT plots
+]
+# Optional parts: `pip install calrft-kernels[webdataset]`.
+EXTRAS_REQUIRE = {
+    "webdataset": ["webdataset>=1.0"],        # --train-data shards; shard evaluation sets
+}
+
 packages = find_packages(include=["calrft_kernels", "calrft_kernels.*"])
 package_dir = {}
 if os.path.isdir(os.path.join(HERE, "python", "calrft")):
@@ -110,6 +136,8 @@ setup(
     include_package_data=False,
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
+    python_requires=">=3.11",                  # tomllib (--config FILE.toml)
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["calrft=calrft.cli:main"]},
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,6 +150,17 @@ class ImageFolderCaptions(_ReadableTrainSet):
         return image, template.format(self.classnames[label]), label
 
 
+def map_classes(names, id_classnames, what: str, shown=None) -> list[int]:
+    """ID class index of each of an evaluation set's class names, matched by normalised name (an
+    OOD set may cover a subset of the ID classes); ValueError naming those that match none."""
+    lookup = {normalise_name(c): i for i, c in enumerate(id_classnames)}
+    shown = names if shown is None else shown
+    missing = [s for n, s in zip(names, shown) if normalise_name(n) not in lookup]
+    if missing:
+        raise ValueError(f"{what} {missing[:5]} match no ID class name")
+    return [lookup[normalise_name(n)] for n in names]
+
+
 class ImageFolderEval(Dataset):
     """An evaluation tree whose class folders map by name onto (a subset of) the ID classes, as
     ImageNet-R/-A use 200 of ImageNet's 1000. `class_indices` lists the ID classes present, in
@@ -156,11 +168,8 @@ class ImageFolderEval(Dataset):
 
     def __init__(self, root, transform, id_classnames):
         folders, items = scan_image_folder(root)
-        lookup = {normalise_name(c): i for i, c in enumerate(id_classnames)}
-        missing = [f for f in folders if normalise_name(class_name_from_folder(f)) not in lookup]
-        if missing:
-            raise ValueError(f"{root}: class folders {missing[:5]} match no ID class name")
-        self.class_indices = [lookup[normalise_name(class_name_from_folder(f))] for f in folders]
+        self.class_indices = map_classes([class_name_from_folder(f) for f in folders], id_classnames,
+                                         f"{root}: class folders", folders)
         self.paths = [p for p, _ in items]
         self.labels = [self.class_indices[c] for _, c in items]
         self.transform = transform
@@ -300,12 +309,12 @@ def report_skipped(skipped, seen: set | None = None, logger=log):
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")   # what img2dataset / open_clip's tools write
 
 
-def _wds():
+def _wds(what: str = "train_data"):
     try:
         import webdataset
-    except ImportError:  # pragma: no cover - a requirement
-        raise ValueError("train_data: WebDataset input needs the webdataset package "
-                         "(pip install webdataset)") from None
+    except ImportError:
+        raise ValueError(f"{what}: WebDataset shards need the webdataset package (pip install "
+                         f"'calrft-kernels[webdataset]')") from None
     return webdataset
 
 
@@ -425,3 +434,254 @@ def webdataset_loader(dataset: WebDatasetCaptions, tokenizer, *, global_batch, r
                         num_workers=workers, collate_fn=CaptionCollate(tokenizer),
                         generator=torch.Generator().manual_seed(dataset.seed + epoch))
     return itertools.islice(loader, start_step, steps_per_epoch)
+
+
+# ---- WebDataset evaluation sets (clip_benchmark's layout) ----------------------------------------
+# clip_benchmark distributes classification sets (ImageNet and its shifted variants among them) as
+#   root/classnames.txt, root/zeroshot_classification_templates.txt,
+#   root/test/nshards.txt, root/test/0.tar, 1.tar, ...
+# with one sample per key: the image under webp / png / jpg / jpeg and an integer `cls`, an index
+# into classnames.txt. An evaluation set is read from an index of where each sample's members
+# lie in the (uncompressed) tars, so it has a length, loads by position like an ImageFolder set,
+# and splits across ranks and loader workers the same way.
+
+SHARD_SPLIT = "test"            # clip_benchmark's split folder
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """Where one sample's image lies in its tar (offset, size), and its label in the set's own
+    class list; `problem` says why it cannot be evaluated (it is then skipped and counted)."""
+    url: str
+    key: str
+    offset: int = 0
+    size: int = 0
+    label: int = -1
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    urls: tuple
+    classnames: tuple | None     # from classnames.txt (None: the labels index the ID classes)
+    samples: tuple
+
+
+def _natural_key(path: str):
+    import re
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def _tars_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted((os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar")),
+                  key=_natural_key)
+
+
+def is_shard_set(path: str) -> bool:
+    """A shard pattern or .tar file, or a folder holding .tar shards (directly or in its test/
+    folder, clip_benchmark's layout); anything else is an ImageFolder tree."""
+    if path.endswith(".tar") or ("{" in path and ".tar" in path):
+        return True
+    return bool(_tars_in(path) or _tars_in(os.path.join(path, SHARD_SPLIT)))
+
+
+def shard_urls(path: str, what: str) -> tuple[list[str], list[str]]:
+    """(the shards of an evaluation set, in order; folders to look in for classnames.txt)."""
+    if os.path.isdir(path):
+        folder = os.path.join(path, SHARD_SPLIT) if _tars_in(os.path.join(path, SHARD_SPLIT)) else path
+        nshards = os.path.join(folder, "nshards.txt")
+        if os.path.isfile(nshards):
+            try:
+                n = int(open(nshards).read().strip())
+            except ValueError:
+                raise ValueError(f"{what}: {nshards!r} does not hold a number of shards") from None
+            urls = [os.path.join(folder, f"{k}.tar") for k in range(n)]
+        else:
+            urls = _tars_in(folder)
+        look_in = [path] if folder == path else [path, folder]
+    else:
+        urls = list(_wds(what).shardlists.expand_urls(path))
+        folder = os.path.dirname(urls[0]) if urls else os.path.dirname(path)
+        look_in = [folder, os.path.dirname(os.path.abspath(folder))]
+    if not urls:
+        raise ValueError(f"{what}: {path!r} names no shards")
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise ValueError(f"{what}: evaluation reads local shard files; {remote[0]!r} is not one "
+                         f"(download the set first)")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"{what}: no such shard {missing[0]!r} ({len(missing)} of {len(urls)} missing)")
+    return urls, look_in
+
+
+def _split_member_name(name: str):
+    """(key, extension) as WebDataset groups tar members: the key runs to the first dot of the
+    file name, extensions are compared in lower case."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
+
+
+def _index_tar(url: str) -> list[ShardSample]:
+    """One pass over a tar's headers (image data is skipped over, `cls` members are read). Members
+    of one key are consecutive, as WebDataset writes and reads them. A tar that breaks off is
+    indexed up to the break, and the break counts as one unreadable sample."""
+    import tarfile
+    samples = []
+
+    def close(key, members, f):
+        image = next((members[e] for e in WDS_IMAGE_KEYS if e in members), None)
+        if image is None:
+            return ShardSample(url, key, problem=f"no image ({'/'.join(WDS_IMAGE_KEYS)}) in keys "
+                                                 f"{sorted(members)}")
+        if "cls" not in members:
+            return ShardSample(url, key, problem=f"no label (cls) in keys {sorted(members)}")
+        offset, size = members["cls"]
+        f.seek(offset)
+        text = f.read(size).decode("utf-8", "replace").strip()
+        try:
+            label = int(text)
+        except ValueError:
+            return ShardSample(url, key, problem=f"cls {text[:20]!r} is not an integer")
+        return ShardSample(url, key, image[0], image[1], label)
+
+    with open(url, "rb") as f:
+        key, members = None, {}
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    k, ext = _split_member_name(info.name)
+                    if k != key:
+                        if key is not None:   # (tarfile seeks back to its next header itself)
+                            samples.append(close(key, members, f))
+                        key, members = k, {}
+                    members[ext] = (info.offset_data, info.size)
+                end = tar.offset
+            if key is not None:
+                samples.append(close(key, members, f))
+            # tarfile ends quietly at a header it cannot parse: past the end-of-archive mark
+            # there must be nothing but zero padding
+            f.seek(end)
+            while chunk := f.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    raise tarfile.ReadError(f"unreadable data at byte {end}")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            where = f"after {len(samples)} samples" if samples else "at its start"
+            samples.append(ShardSample(url, "?", problem=f"corrupt tar {where}: {type(exc).__name__}: {exc}"))
+    return samples
+
+
+_SHARD_INDEX_CACHE: dict = {}
+
+
+def read_classnames(path: str, what: str) -> list[str]:
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path!r} ({exc})") from None
+    if not names:
+        raise ValueError(f"{what}: {path!r} holds no class names (one a line)")
+    return names
+
+
+def scan_shards(path: str, what: str = "ood_eval") -> ShardIndex:
+    """The index of an evaluation set's shards (cached per shard file, size and time, so the
+    pre-flight check and the run read the headers once)."""
+    urls, look_in = shard_urls(path, what)
+    names_file = next((os.path.join(d, "classnames.txt") for d in look_in
+                       if os.path.isfile(os.path.join(d, "classnames.txt"))), None)
+    stamp = tuple((u, os.path.getsize(u), os.stat(u).st_mtime_ns) for u in urls)
+    if names_file:
+        stamp += ((names_file, os.path.getsize(names_file), os.stat(names_file).st_mtime_ns),)
+    if stamp not in _SHARD_INDEX_CACHE:
+        samples = [s for u in urls for s in _index_tar(u)]
+        classnames = tuple(read_classnames(names_file, what)) if names_file else None
+        if classnames is not None:
+            samples = [s if s.problem or 0 <= s.label < len(classnames) else
+                       dataclasses.replace(s, problem=f"cls {s.label} is outside the {len(classnames)} "
+                                                      f"class names of {names_file}")
+                       for s in samples]
+        _SHARD_INDEX_CACHE[stamp] = ShardIndex(tuple(urls), classnames, tuple(samples))
+    return _SHARD_INDEX_CACHE[stamp]
+
+
+def decode_shard_image(sample: ShardSample):
+    import io
+
+    from PIL import Image
+    with open(sample.url, "rb") as f:
+        f.seek(sample.offset)
+        raw = f.read(sample.size)
+    with Image.open(io.BytesIO(raw)) as img:
+        return img.convert("RGB")
+
+
+class ShardEval(Dataset):
+    """An evaluation set of WebDataset shards in clip_benchmark's layout: the same items, labels
+    and class mapping as ImageFolderEval. Labels are the set's `cls` values mapped by name from its
+    classnames.txt onto the ID classes (without a classnames.txt, `cls` indexes the ID classes)."""
+
+    def __init__(self, path, transform, id_classnames, what="ood_eval"):
+        index = scan_shards(path, what)
+        if index.classnames is None:
+            self.class_indices = list(range(len(id_classnames)))
+            index = dataclasses.replace(index, samples=tuple(
+                s if s.problem or 0 <= s.label < len(id_classnames) else
+                dataclasses.replace(s, problem=f"cls {s.label} is outside the {len(id_classnames)} ID "
+                                               f"classes (no classnames.txt beside the shards)")
+                for s in index.samples))
+        else:
+            self.class_indices = map_classes(list(index.classnames), id_classnames,
+                                             f"{path}: class names (classnames.txt)")
+        self.samples = index.samples
+        self.labels = [self.class_indices[s.label] if not s.problem else -1 for s in self.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        s = self.samples[index]
+        where = f"{s.url}#{s.key}"
+        if s.problem:
+            return Skipped(where, s.problem)
+        try:
+            image = self.transform(decode_shard_image(s))
+        except Exception as exc:  # PIL raises many types for corrupt images
+            return Skipped(where, f"{type(exc).__name__}: {exc}")
+        return image, self.labels[index]
+
+
+def eval_set(path, transform, id_classnames, what="ood_eval"):
+    """An evaluation set from a path: WebDataset shards (is_shard_set) or an ImageFolder tree."""
+    if is_shard_set(path):
+        return ShardEval(path, transform, id_classnames, what)
+    return ImageFolderEval(path, transform, id_classnames)
+
+
+def set_classnames(path: str, what: str) -> list[str] | None:
+    """An evaluation set's own class names: an ImageFolder's folders, a shard set's classnames.txt
+    (None when it has none: its labels index the ID classes)."""
+    if is_shard_set(path):
+        names = scan_shards(path, what).classnames
+        return list(names) if names is not None else None
+    folders, _ = scan_image_folder(path)
+    return [class_name_from_folder(f) for f in folders]
+
+
+def id_classnames(classnames_file=None, train_folder=None, id_eval=None) -> list[str] | None:
+    """The ID class list, from the first that gives one: a class-names file (one a line), a
+    training ImageFolder's folder names, the classnames.txt of an ID shard set."""
+    if classnames_file:
+        return read_classnames(classnames_file, "classnames")
+    if train_folder:
+        return [class_name_from_folder(f) for f in scan_image_folder(train_folder)[0]]
+    if id_eval and is_shard_set(id_eval):
+        return set_classnames(id_eval, "id_eval")
+    return None

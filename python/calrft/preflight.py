@@ -13,10 +13,44 @@ from . import checkpoint
 from .config import TrainConfig
 
 
+def spec_path(spec: str | None) -> str | None:
+    """The PATH of an evaluation set's NAME=PATH or PATH."""
+    if not spec:
+        return None
+    return spec.rpartition("=")[2] if "=" in spec else spec
+
+
 def eval_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """[(option, folder)] of the configured evaluation sets (NAME=PATH or PATH)."""
+    """[(option, path)] of the configured evaluation sets (NAME=PATH or PATH)."""
     specs = ([("id_eval", cfg.id_eval)] if cfg.id_eval else []) + [("ood_eval", s) for s in cfg.ood_eval]
-    return [(opt, spec.rpartition("=")[2] if "=" in spec else spec) for opt, spec in specs]
+    return [(opt, spec_path(spec)) for opt, spec in specs]
+
+
+def check_shards(path: str, what: str) -> None:
+    """A WebDataset evaluation set: its shards exist and index, its classnames.txt reads, and at
+    least one sample decodes (the first that can, so a healthy set costs one image)."""
+    from . import data
+    index = data.scan_shards(path, what)
+    usable = [s for s in index.samples if not s.problem]
+    if not usable:
+        why = f" (first: {index.samples[0].problem})" if index.samples else ""
+        raise ValueError(f"{what}: {path!r} holds no sample with an image and a label{why}")
+    for sample in usable:
+        try:
+            data.decode_shard_image(sample)
+            return
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
+            continue
+    raise ValueError(f"{what}: none of the {len(usable)} images in {path!r} is readable")
+
+
+def check_eval_set(path: str, what: str) -> None:
+    """An evaluation set: WebDataset shards (clip_benchmark's layout) or an ImageFolder tree."""
+    from . import data
+    if data.is_shard_set(path):
+        check_shards(path, what)
+    else:
+        check_image_folder(path, what)
 
 
 def check_image_folder(path: str, what: str) -> None:
@@ -83,12 +117,23 @@ def check(cfg: TrainConfig, command: str, *, finetuned: str | None = None,
         raise ValueError(f"train_folder: no such folder {cfg.train_folder!r}")
     if cfg.classnames:
         check_classnames(cfg.classnames)
-    if (cfg.id_eval or cfg.ood_eval) and not (cfg.classnames or cfg.train_folder):
-        raise ValueError("classnames: evaluation needs class names (--classnames FILE or --train-folder)")
-    if cfg.method == "ft" and command == "train" and not (cfg.classnames or cfg.train_folder):
-        raise ValueError("classnames: --method ft needs class names for its zero-shot-initialised head")
     for option, path in eval_paths(cfg):
-        check_image_folder(path, option)
+        check_eval_set(path, option)
+    from . import data
+    try:
+        id_classes = data.id_classnames(cfg.classnames, cfg.train_folder, spec_path(cfg.id_eval))
+    except ValueError as exc:   # a --train-folder without class folders
+        raise ValueError(f"train_folder: {exc}") from None
+    if (cfg.id_eval or cfg.ood_eval) and id_classes is None:
+        raise ValueError("classnames: evaluation needs class names (--classnames FILE, --train-folder "
+                         "or an --id-eval shard set with its classnames.txt)")
+    if cfg.method == "ft" and command == "train" and id_classes is None:
+        raise ValueError("classnames: --method ft needs class names for its zero-shot-initialised head")
+    for option, path in eval_paths(cfg):   # each set's classes must map onto the ID classes
+        names = data.set_classnames(path, option)
+        if names is not None:
+            where = f"{path}: class {'names (classnames.txt)' if data.is_shard_set(path) else 'folders'}"
+            data.map_classes(names, id_classes, where)
     check_weights_arg(cfg.pretrained, "pretrained")
     check_weights_arg(zeroshot, "zeroshot")
     if finetuned is not None:

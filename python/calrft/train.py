@@ -78,17 +78,18 @@ def build_data(cfg: TrainConfig, train_tf, eval_tf):
                                      cfg.csv_label_key, seed=cfg.seed)
     else:
         train_set = None
-    if cfg.classnames:
-        with open(cfg.classnames) as f:
-            classnames = [line.strip() for line in f if line.strip()]
+    if cfg.classnames or classnames is None:   # --classnames wins over --train-folder's names
+        classnames = data.id_classnames(cfg.classnames, id_eval=preflight.spec_path(cfg.id_eval))
     eval_sets = []
     if cfg.id_eval or cfg.ood_eval:
         if classnames is None:
-            raise ValueError("classnames: evaluation needs class names (--train-folder or --classnames)")
+            raise ValueError("classnames: evaluation needs class names (--classnames, --train-folder "
+                             "or an --id-eval shard set with its classnames.txt)")
         for k, spec in enumerate(([cfg.id_eval] if cfg.id_eval else []) + list(cfg.ood_eval)):
             name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-            name = name or ("id" if (k == 0 and cfg.id_eval) else Path(path.rstrip("/")).name)
-            ds = data.ImageFolderEval(path, eval_tf, classnames)
+            is_id = k == 0 and bool(cfg.id_eval)
+            name = name or ("id" if is_id else Path(path.rstrip("/")).name)
+            ds = data.eval_set(path, eval_tf, classnames, "id_eval" if is_id else "ood_eval")
             subset = None if sorted(ds.class_indices) == list(range(len(classnames))) else ds.class_indices
             eval_sets.append(data.EvalSet(name, ds, subset))
     return train_set, eval_sets, classnames
