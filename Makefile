@@ -24,6 +24,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/calrft demo --out runs/demo/$$(date +%Y%m%d-%H%M%S)
 
+# The suite runs under a 16 GiB address-space cap (RLIMIT_AS, set by tests/conftest.py for pytest
+# and every process it starts): an unbounded allocation fails as an error, not the machine.
+# CALRFT_TEST_AS_LIMIT=8G make test sets another cap, =0 none.
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 

@@ -41,11 +41,14 @@ TRAIN_HELP = {
     "train_folder": "ImageFolder training tree (captions from templates, class names from folders)",
     "train_data": "WebDataset tar shards of (image, caption) pairs, e.g. shards/{00000..00099}.tar",
     "train_num_samples": "samples per epoch of a --train-data stream (it has no length of its own)",
-    "classnames": "file of class names, one a line (needed with --train-csv for evaluation or ft)",
+    "classnames": "file of class names, one a line (the ID classes; else --train-folder's folders or an "
+                  "--id-eval shard set's classnames.txt)",
     "templates": "prompt templates for zero-shot heads and folder captions: openai, short or simple",
-    "id_eval": "ID evaluation ImageFolder tree (NAME=PATH or PATH); its metrics and sigma_min",
-    "ood_eval": "OOD evaluation ImageFolder trees (NAME=PATH or PATH); class folders map by name "
-                "onto a subset of the ID classes",
+    "id_eval": "ID evaluation set (NAME=PATH or PATH): an ImageFolder tree, or WebDataset shards in "
+               "clip_benchmark's layout (a folder with classnames.txt and test/*.tar, or a shard "
+               "pattern); its metrics and sigma_min",
+    "ood_eval": "OOD evaluation sets (NAME=PATH or PATH), ImageFolder trees or shards as --id-eval; "
+                "their classes map by name onto a subset of the ID classes",
     "workers": "data-loading worker processes",
     "batch_size": "global batch size, split over ranks",
     "micro_batch_size": "rows per rank per forward/backward chunk: feature caching below --batch-size (the loss "
