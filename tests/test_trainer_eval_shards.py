@@ -211,3 +211,26 @@ def test_folders_stay_folders(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / c / "0.png")
     assert not data.is_shard_set(str(tmp_path))
     assert data.is_shard_set(str(tmp_path / "x-{0..3}.tar")) and data.is_shard_set("one.tar")
+
+
+def test_templates_from_the_sets_own_file(sets, tmp_path):
+    """--templates FILE reads clip_benchmark's zeroshot_classification_templates.txt ({c} for the
+    class): the same heads as the same template given by name."""
+    own = os.path.join(sets["id"][1], "zeroshot_classification_templates.txt")
+    by_file = _eval(sets, tmp_path / "file", sets["id"][1], sets["ood"][1], "--templates", own)
+    by_name = _eval(sets, tmp_path / "name", sets["id"][1], sets["ood"][1], "--templates", "simple")
+    assert by_file == by_name
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "must hold templates one a line"),
+    ("a photo of a {c}.\na photo.\n", r"not 'a photo\.'"),
+])
+def test_a_bad_templates_file_is_refused(tmp_path, text, match):
+    from calrft import templates
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        templates.get(str(path))
+    with pytest.raises(ValueError, match="unknown set 'nonesuch'"):
+        templates.get("nonesuch")

@@ -43,7 +43,9 @@ TRAIN_HELP = {
     "train_num_samples": "samples per epoch of a --train-data stream (it has no length of its own)",
     "classnames": "file of class names, one a line (the ID classes; else --train-folder's folders or an "
                   "--id-eval shard set's classnames.txt)",
-    "templates": "prompt templates for zero-shot heads and folder captions: openai, short or simple",
+    "templates": "prompt templates for zero-shot heads and folder captions: openai, short, simple, or a "
+                 "file of templates one a line with {c} or {} for the class (e.g. clip_benchmark's "
+                 "zeroshot_classification_templates.txt)",
     "id_eval": "ID evaluation set (NAME=PATH or PATH): an ImageFolder tree, or WebDataset shards in "
                "clip_benchmark's layout (a folder with classnames.txt and test/*.tar, or a shard "
                "pattern); its metrics and sigma_min",

@@ -35,7 +35,7 @@ class TrainConfig:
     train_data: str | None = None          # WebDataset tar shards, e.g. "shards/{00000..00099}.tar"
     train_num_samples: int | None = None   # samples per epoch of a --train-data stream
     classnames: str | None = None          # file, one class name a line (CSV training)
-    templates: str = "openai"              # openai | short | simple
+    templates: str = "openai"              # openai | short | simple | a file of templates
     id_eval: str | None = None
     ood_eval: list = field(default_factory=list)   # folders, optionally "name=folder"
     workers: int = 4

@@ -7,9 +7,9 @@ the same batches whatever the worker count, the rank layout or a resume point.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -446,6 +446,7 @@ def webdataset_loader(dataset: WebDatasetCaptions, tokenizer, *, global_batch, r
 # and splits across ranks and loader workers the same way.
 
 SHARD_SPLIT = "test"            # clip_benchmark's split folder
+SPLIT_FOLDERS = ("test", "train", "val", "validation")   # shards in one: classnames.txt above it
 
 
 @dataclass(frozen=True)
@@ -488,23 +489,28 @@ def is_shard_set(path: str) -> bool:
 
 
 def shard_urls(path: str, what: str) -> tuple[list[str], list[str]]:
-    """(the shards of an evaluation set, in order; folders to look in for classnames.txt)."""
+    """(the shards of an evaluation set, in order; folders to look in for classnames.txt: the
+    given folder, the shards' folder, and above a split folder such as test/ its dataset folder)."""
     if os.path.isdir(path):
         folder = os.path.join(path, SHARD_SPLIT) if _tars_in(os.path.join(path, SHARD_SPLIT)) else path
         nshards = os.path.join(folder, "nshards.txt")
         if os.path.isfile(nshards):
-            try:
-                n = int(open(nshards).read().strip())
-            except ValueError:
-                raise ValueError(f"{what}: {nshards!r} does not hold a number of shards") from None
-            urls = [os.path.join(folder, f"{k}.tar") for k in range(n)]
+            with open(nshards) as f:
+                text = f.read().strip()
+            if not text.isdigit():
+                raise ValueError(f"{what}: {nshards!r} does not hold a number of shards")
+            urls = [os.path.join(folder, f"{k}.tar") for k in range(int(text))]
         else:
             urls = _tars_in(folder)
-        look_in = [path] if folder == path else [path, folder]
     else:
         urls = list(_wds(what).shardlists.expand_urls(path))
-        folder = os.path.dirname(urls[0]) if urls else os.path.dirname(path)
-        look_in = [folder, os.path.dirname(os.path.abspath(folder))]
+    look_in = [os.path.abspath(path)] if os.path.isdir(path) else []
+    if urls:
+        shard_dir = os.path.dirname(os.path.abspath(urls[0]))
+        look_in.append(shard_dir)
+        if os.path.basename(shard_dir) in SPLIT_FOLDERS:
+            look_in.append(os.path.dirname(shard_dir))
+    look_in = list(dict.fromkeys(look_in))
     if not urls:
         raise ValueError(f"{what}: {path!r} names no shards")
     remote = [u for u in urls if "://" in u or u.startswith("pipe:")]

@@ -1,4 +1,5 @@
 """Prompt templates that turn class names into captions and zero-shot heads."""
+import os
 
 # The 80 prompt templates OpenAI used for ImageNet zero-shot classification (CLIP paper, and
 # the FLYP/CaRot training captions).
@@ -38,12 +39,31 @@ SHORT = (
 SETS = {"openai": OPENAI_IMAGENET, "short": SHORT, "simple": ("a photo of a {}.",)}
 
 
+def read_file(path: str) -> tuple[str, ...]:
+    """Templates from a file, one a line, with `{c}` (clip_benchmark's
+    zeroshot_classification_templates.txt) or `{}` where the class name goes."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"templates: cannot read {path!r} ({exc})") from None
+    missing = [t for t in lines if "{c}" not in t and "{}" not in t]
+    if not lines or missing:
+        raise ValueError(f"templates: {path!r} must hold templates one a line, each with {{c}} or {{}} "
+                         f"where the class name goes" + (f" (not {missing[0]!r})" if missing else ""))
+    return tuple(t.replace("{c}", "{}") for t in lines)
+
+
 def get(name_or_templates) -> tuple[str, ...]:
-    """A template set by name ("openai", "short", "simple") or an explicit sequence."""
+    """A template set by name ("openai", "short", "simple"), a file of templates (read_file) or an
+    explicit sequence."""
     if isinstance(name_or_templates, str):
-        if name_or_templates not in SETS:
-            raise ValueError(f"templates: unknown set {name_or_templates!r}; choose from {sorted(SETS)}")
-        return SETS[name_or_templates]
+        if name_or_templates in SETS:
+            return SETS[name_or_templates]
+        if os.path.isfile(name_or_templates):
+            return read_file(name_or_templates)
+        raise ValueError(f"templates: unknown set {name_or_templates!r}; choose from {sorted(SETS)} "
+                         f"or give a file of templates")
     templates = tuple(name_or_templates)
     if not templates or any("{}" not in t for t in templates):
         raise ValueError("templates: need a non-empty sequence of strings each containing '{}'")
