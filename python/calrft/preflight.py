@@ -35,13 +35,18 @@ def check_shards(path: str, what: str) -> None:
     if not usable:
         why = f" (first: {index.samples[0].problem})" if index.samples else ""
         raise ValueError(f"{what}: {path!r} holds no sample with an image and a label{why}")
-    for sample in usable:
+    _one_readable(usable, data.decode_shard_image, path, what)
+
+
+def _one_readable(items, load, path: str, what: str) -> None:
+    """Decode items until the first success (a healthy set costs one image); ValueError if none."""
+    for item in items:
         try:
-            data.decode_shard_image(sample)
+            load(item)
             return
         except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
             continue
-    raise ValueError(f"{what}: none of the {len(usable)} images in {path!r} is readable")
+    raise ValueError(f"{what}: none of the {len(items)} images in {path!r} is readable")
 
 
 def check_eval_set(path: str, what: str) -> None:
@@ -63,25 +68,14 @@ def check_image_folder(path: str, what: str) -> None:
         raise ValueError(f"{what}: {exc}") from None
     if not items:
         raise ValueError(f"{what}: {path!r} holds no image files ({', '.join(data.IMAGE_EXTENSIONS)})")
-    for image_path, _ in items:
-        try:
-            data.load_image(image_path)
-            return
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
-            continue
-    raise ValueError(f"{what}: none of the {len(items)} images in {path!r} is readable")
+    _one_readable([p for p, _ in items], data.load_image, path, what)
 
 
 def check_classnames(path: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(f"classnames: no such file {path!r}")
-    try:
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"classnames: cannot read {path!r} ({exc})") from None
-    if not names:
-        raise ValueError(f"classnames: {path!r} holds no class names (one a line)")
+    from . import data
+    names = data.read_classnames(path, "classnames")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:3]
         raise ValueError(f"classnames: {path!r} repeats class names {dup}")
