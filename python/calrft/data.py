@@ -114,13 +114,19 @@ class CsvCaptions(_ReadableTrainSet):
         return image, self.captions[index], self.labels[index]
 
 
-def scan_image_folder(root: str):
-    """(class folder names sorted, [(path, class position)]) of an ImageFolder-style tree."""
+def class_folders(root: str) -> list[str]:
+    """The class folder names of an ImageFolder-style tree, sorted (without walking the images)."""
     if not os.path.isdir(root):
         raise ValueError(f"root: no such folder {root!r}")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
         raise ValueError(f"root: {root!r} has no class folders")
+    return classes
+
+
+def scan_image_folder(root: str):
+    """(class folder names sorted, [(path, class position)]) of an ImageFolder-style tree."""
+    classes = class_folders(root)
     items = []
     for position, folder in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, folder))):
@@ -677,8 +683,7 @@ def set_classnames(path: str, what: str) -> list[str] | None:
     if is_shard_set(path):
         names = scan_shards(path, what).classnames
         return list(names) if names is not None else None
-    folders, _ = scan_image_folder(path)
-    return [class_name_from_folder(f) for f in folders]
+    return [class_name_from_folder(f) for f in class_folders(path)]
 
 
 def id_classnames(classnames_file=None, train_folder=None, id_eval=None) -> list[str] | None:
@@ -687,7 +692,7 @@ def id_classnames(classnames_file=None, train_folder=None, id_eval=None) -> list
     if classnames_file:
         return read_classnames(classnames_file, "classnames")
     if train_folder:
-        return [class_name_from_folder(f) for f in scan_image_folder(train_folder)[0]]
+        return [class_name_from_folder(f) for f in class_folders(train_folder)]
     if id_eval and is_shard_set(id_eval):
         return set_classnames(id_eval, "id_eval")
     return None
