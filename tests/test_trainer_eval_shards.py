@@ -234,3 +234,11 @@ def test_a_bad_templates_file_is_refused(tmp_path, text, match):
         templates.get(str(path))
     with pytest.raises(ValueError, match="unknown set 'nonesuch'"):
         templates.get("nonesuch")
+
+
+def test_without_classnames_txt_cls_indexes_the_id_classes(tmp_path):
+    good = _png(np.random.default_rng(2))
+    _tar(tmp_path / "0.tar", [("k0.png", good), ("k0.cls", b"1"), ("k1.png", good), ("k1.cls", b"5")])
+    ds = data.ShardEval(str(tmp_path), lambda im: torch.zeros(1), ["ant", "bee"])
+    assert ds.class_indices == [0, 1] and ds[0][1] == 1
+    assert isinstance(ds[1], data.Skipped) and "outside the 2 ID classes" in ds[1].reason

@@ -173,9 +173,8 @@ class ImageFolderEval(Dataset):
     the order of this set's folders; labels are ID class indices."""
 
     def __init__(self, root, transform, id_classnames):
-        folders, items = scan_image_folder(root)
-        self.class_indices = map_classes([class_name_from_folder(f) for f in folders], id_classnames,
-                                         f"{root}: class folders", folders)
+        _, items = scan_image_folder(root)
+        self.class_indices = set_class_indices(root, id_classnames)
         self.paths = [p for p, _ in items]
         self.labels = [self.class_indices[c] for _, c in items]
         self.transform = transform
@@ -615,12 +614,15 @@ def scan_shards(path: str, what: str = "ood_eval") -> ShardIndex:
         samples = [s for u in urls for s in _index_tar(u)]
         classnames = tuple(read_classnames(names_file, what)) if names_file else None
         if classnames is not None:
-            samples = [s if s.problem or 0 <= s.label < len(classnames) else
-                       dataclasses.replace(s, problem=f"cls {s.label} is outside the {len(classnames)} "
-                                                      f"class names of {names_file}")
-                       for s in samples]
+            samples = _labels_below(samples, len(classnames), f"class names of {names_file}")
         _SHARD_INDEX_CACHE[stamp] = ShardIndex(tuple(urls), classnames, tuple(samples))
     return _SHARD_INDEX_CACHE[stamp]
+
+
+def _labels_below(samples, n: int, what: str) -> list[ShardSample]:
+    """The samples, those whose `cls` is not a position in a list of n classes marked unreadable."""
+    return [s if s.problem or 0 <= s.label < n else
+            dataclasses.replace(s, problem=f"cls {s.label} is outside the {n} {what}") for s in samples]
 
 
 def decode_shard_image(sample: ShardSample):
@@ -640,18 +642,13 @@ class ShardEval(Dataset):
     classnames.txt onto the ID classes (without a classnames.txt, `cls` indexes the ID classes)."""
 
     def __init__(self, path, transform, id_classnames, what="ood_eval"):
-        index = scan_shards(path, what)
-        if index.classnames is None:
+        samples = scan_shards(path, what).samples
+        self.class_indices = set_class_indices(path, id_classnames, what)
+        if self.class_indices is None:   # no classnames.txt: `cls` indexes the ID classes
             self.class_indices = list(range(len(id_classnames)))
-            index = dataclasses.replace(index, samples=tuple(
-                s if s.problem or 0 <= s.label < len(id_classnames) else
-                dataclasses.replace(s, problem=f"cls {s.label} is outside the {len(id_classnames)} ID "
-                                               f"classes (no classnames.txt beside the shards)")
-                for s in index.samples))
-        else:
-            self.class_indices = map_classes(list(index.classnames), id_classnames,
-                                             f"{path}: class names (classnames.txt)")
-        self.samples = index.samples
+            samples = _labels_below(samples, len(id_classnames),
+                                    "ID classes (no classnames.txt beside the shards)")
+        self.samples = tuple(samples)
         self.labels = [self.class_indices[s.label] if not s.problem else -1 for s in self.samples]
         self.transform = transform
 
@@ -677,13 +674,18 @@ def eval_set(path, transform, id_classnames, what="ood_eval"):
     return ImageFolderEval(path, transform, id_classnames)
 
 
-def set_classnames(path: str, what: str) -> list[str] | None:
-    """An evaluation set's own class names: an ImageFolder's folders, a shard set's classnames.txt
-    (None when it has none: its labels index the ID classes)."""
+def set_class_indices(path: str, id_classnames, what: str = "ood_eval") -> list[int] | None:
+    """The ID class index of each of an evaluation set's own classes (an ImageFolder's folders, a
+    shard set's classnames.txt), matched by name (map_classes); None for a shard set without a
+    classnames.txt (its labels index the ID classes)."""
     if is_shard_set(path):
         names = scan_shards(path, what).classnames
-        return list(names) if names is not None else None
-    return [class_name_from_folder(f) for f in class_folders(path)]
+        if names is None:
+            return None
+        return map_classes(list(names), id_classnames, f"{path}: class names (classnames.txt)")
+    folders = class_folders(path)
+    return map_classes([class_name_from_folder(f) for f in folders], id_classnames,
+                       f"{path}: class folders", folders)
 
 
 def id_classnames(classnames_file=None, train_folder=None, id_eval=None) -> list[str] | None:
@@ -694,5 +696,6 @@ def id_classnames(classnames_file=None, train_folder=None, id_eval=None) -> list
     if train_folder:
         return [class_name_from_folder(f) for f in class_folders(train_folder)]
     if id_eval and is_shard_set(id_eval):
-        return set_classnames(id_eval, "id_eval")
+        names = scan_shards(id_eval, "id_eval").classnames
+        return list(names) if names is not None else None
     return None

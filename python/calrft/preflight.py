@@ -124,10 +124,7 @@ def check(cfg: TrainConfig, command: str, *, finetuned: str | None = None,
     if cfg.method == "ft" and command == "train" and id_classes is None:
         raise ValueError("classnames: --method ft needs class names for its zero-shot-initialised head")
     for option, path in eval_paths(cfg):   # each set's classes must map onto the ID classes
-        names = data.set_classnames(path, option)
-        if names is not None:
-            where = f"{path}: class {'names (classnames.txt)' if data.is_shard_set(path) else 'folders'}"
-            data.map_classes(names, id_classes, where)
+        data.set_class_indices(path, id_classes, option)
     check_weights_arg(cfg.pretrained, "pretrained")
     check_weights_arg(zeroshot, "zeroshot")
     if finetuned is not None:
