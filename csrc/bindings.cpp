@@ -8,6 +8,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "calrft-kernels native kernels (C++ CPU, and CUDA when built with it)";
   calrft::register_contrastive_cpu(m);
+  calrft::register_sigmoid_cpu(m);
   calrft::register_covariance_cpu(m);
   calrft::register_davidson_cpu(m);
 #ifdef CALRFT_WITH_CUDA

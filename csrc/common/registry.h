@@ -4,6 +4,7 @@
 
 namespace calrft {
 void register_contrastive_cpu(pybind11::module_& m);   // csrc/cpu/contrastive.cpp
+void register_sigmoid_cpu(pybind11::module_& m);       // csrc/cpu/sigmoid.cpp
 void register_covariance_cpu(pybind11::module_& m);    // csrc/cpu/covariance.cpp
 void register_davidson_cpu(pybind11::module_& m);      // csrc/cpu/davidson.cpp
 #ifdef CALRFT_WITH_CUDA

@@ -23,22 +23,28 @@
 
 #include "common/contrastive_math.h"
 #include "common/registry.h"
+#include "cpu/tiles.h"
 
 namespace calrft {
 namespace {
 
+using cpu::ceil_div;
+using cpu::check_matrix;
 using cpu::for_lanes;
+using cpu::kMaxPanelRows;
+using cpu::kTileCols;
+using cpu::Panels;
+using cpu::plan_panels;
+using cpu::plan_schedule;
+using cpu::read_scalar;
+using cpu::run_schedule;
+using cpu::Schedule;
+using cpu::tile_product;
+using cpu::tile_view;
+using cpu::usable_threads;
 using cpu::row_sums;
 using cpu::ScalarLanes;
 using cpu::WideLanes;
-
-// Tile shape: a 256 x 256 fp32 tile (256 KiB, 512 KiB with the teacher tile) stays in the 1-2 MiB
-// L2 between the product that writes it and the passes that read it; 256 rows also keep the
-// K dimension of dk += dS^T q_panel long enough for BLAS to run near its peak.
-constexpr int64_t kMaxPanelRows = 256;
-constexpr int64_t kTileCols = 256;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -53,23 +59,6 @@ struct Problem {
   int64_t M = 0, N = 0, d = 0, rows = 1;  // rows = R: 1, or 3 with a teacher
   int64_t macs_per_product() const { return M * N * (d + (teacher ? tq.size(1) : 0)); }
 };
-
-double read_scalar(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, name, " must be a 0-dim tensor, got shape ",
-              t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
-              t.scalar_type());
-  return t.item<double>();
-}
-
-void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
-              like.scalar_type(), " (the dtype of q), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                      const at::Tensor& bias, const std::optional<at::Tensor>& tq,
@@ -120,42 +109,6 @@ at::Tensor checked_stats(const at::Tensor& t, const char* name, const Problem& p
   TORCH_CHECK(t.dim() == 2 && t.size(0) == p.rows && t.size(1) == len, name, " must have shape [",
               p.rows, ", ", len, "], got ", t.sizes());
   return t.contiguous();
-}
-
-// ----------------------------------------------------------------------------------------------
-// Work split: row panels, as many as needed to give every thread the same number of panels.
-
-struct Panels {
-  int64_t count, rows, total, threads;
-  // parallel_for grain that gives `threads` chunks (one chunk: runs inline, no thread wake-up).
-  int64_t grain() const { return ceil_div(count, threads); }
-  int64_t begin(int64_t i) const { return i * rows; }
-  int64_t size(int64_t i) const { return std::min(rows, total - i * rows); }
-};
-
-// Below this many multiply-adds per call a single thread finishes in well under a millisecond,
-// less than waking (or, on a busy machine, waiting for) a second one.
-constexpr int64_t kMinParallelMacs = int64_t(1) << 23;
-
-int64_t usable_threads(int64_t macs) {
-  return macs < kMinParallelMacs ? 1 : std::max<int64_t>(1, at::get_num_threads());
-}
-
-Panels plan_panels(int64_t M, int64_t threads) {
-  int64_t count = ceil_div(M, kMaxPanelRows);
-  count = std::min(M, ceil_div(count, threads) * threads);
-  const int64_t rows = ceil_div(M, count);
-  return {ceil_div(M, rows), rows, M, threads};
-}
-
-// out[bm, bn] = alpha * a[bm, :] b[bn, :]^T (BLAS; single-threaded inside the parallel region).
-void tile_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  at::addmm_out(out, out, a, b.t(), /*beta=*/0, /*alpha=*/alpha);
-}
-
-// A [rows, cols] matrix view over the front of a flat scratch buffer.
-at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
-  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -464,22 +417,6 @@ at::Tensor softmax_shifts(const at::Tensor& stats, double bias, bool teacher) {
   return teacher ? at::cat({lse_s, stats.narrow(0, 1, 1)}, 0) : lse_s;
 }
 
-// Backward schedule without per-thread dk copies: rows are cut into `parts` groups of panels
-// and columns into `parts` blocks of tiles. In step s, part t handles row group t against column
-// block (t + s) mod parts, so within a step every dq row and every dk row has exactly one writer;
-// the steps are separated by the end of each parallel_for. Extra memory: the tile scratch only.
-struct Schedule {
-  int64_t parts, tiles;
-  Panels panels;
-  int64_t group_begin(int64_t t) const { return panels.count * t / parts; }
-  int64_t block_begin(int64_t c) const { return tiles * c / parts * kTileCols; }
-};
-
-Schedule plan_schedule(int64_t M, int64_t N, int64_t threads) {
-  const Panels panels = plan_panels(M, threads);
-  return {std::min(threads, panels.count), ceil_div(N, kTileCols), panels};
-}
-
 template <typename T, bool kTeacher, bool kCols>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Tensor& grad_row,
                                                  const at::Tensor& grad_col,
@@ -494,12 +431,12 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
   const GradTerms<T> all_cols = kCols ? grad_terms<T>(grad_col, col_shift, p.N) : GradTerms<T>{};
   const Schedule plan = plan_schedule(p.M, p.N, usable_threads(p.macs_per_product() * 3));
 
-  // Row group t of the panels against the columns [c0, c1).
-  auto run_part = [&](int64_t t, int64_t c0, int64_t c1) {
+  // Row group t (panels [first, last)) against the columns [c0, c1), see cpu/tiles.h.
+  run_schedule(plan, p.N, [&](int64_t, int64_t first, int64_t last, int64_t c0, int64_t c1) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
     at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
     at::Tensor t_tile = kTeacher ? at::empty({kMaxPanelRows * kTileCols}, opts) : at::Tensor();
-    for (int64_t panel = plan.group_begin(t); panel < plan.group_begin(t + 1); ++panel) {
+    for (int64_t panel = first; panel < last; ++panel) {
       const int64_t i0 = plan.panels.begin(panel), bm = plan.panels.size(panel);
       at::Tensor q_panel = p.q.narrow(0, i0, bm);
       at::Tensor tq_panel = kTeacher ? p.tq.narrow(0, i0, bm) : at::Tensor();
@@ -527,17 +464,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
         dk.narrow(0, j0, bn).addmm_(s.t(), q_panel);   // dk += dS^T q_panel
       }
     }
-  };
-
-  for (int64_t step = 0; step < plan.parts; ++step) {
-    at::parallel_for(0, plan.parts, 1, [&](int64_t first, int64_t last) {
-      for (int64_t t = first; t < last; ++t) {
-        const int64_t c = (t + step) % plan.parts;
-        const int64_t c0 = plan.block_begin(c), c1 = std::min(p.N, plan.block_begin(c + 1));
-        if (c0 < c1) run_part(t, c0, c1);
-      }
-    });
-  }
+  });
   return {dq, dk};
 }
 

@@ -1,0 +1,117 @@
+// Tiling shared by the CPU pair-loss kernels (contrastive.cpp: softmax statistics; sigmoid.cpp:
+// the pairwise sigmoid loss): argument checks of what they index, the split of the rows of q into
+// panels, the BLAS tile product, and the conflict-free schedule for kernels that accumulate into
+// both dq (rows) and dk (columns).
+#pragma once
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace calrft::cpu {
+
+// Tile shape: a 256 x 256 fp32 tile (256 KiB, 512 KiB with the teacher tile) stays in the 1-2 MiB
+// L2 between the product that writes it and the passes that read it; 256 rows also keep the
+// K dimension of dk += dS^T q_panel long enough for BLAS to run near its peak.
+constexpr int64_t kMaxPanelRows = 256;
+constexpr int64_t kTileCols = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ----------------------------------------------------------------------------------------------
+// Preconditions of the kernels (native code never indexes through an unchecked shape)
+
+inline double read_scalar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.numel() == 1 && t.dim() <= 1, name, " must be a 0-dim tensor, got shape ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
+              t.scalar_type());
+  return t.item<double>();
+}
+
+// A contiguous 2-D CPU matrix with the dtype of `like` (named `like_name` in the message).
+inline void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like,
+                         const char* like_name = "q") {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+              like.scalar_type(), " (the dtype of ", like_name, "), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ----------------------------------------------------------------------------------------------
+// Work split: row panels, as many as needed to give every thread the same number of panels.
+
+struct Panels {
+  int64_t count, rows, total, threads;
+  // parallel_for grain that gives `threads` chunks (one chunk: runs inline, no thread wake-up).
+  int64_t grain() const { return ceil_div(count, threads); }
+  int64_t begin(int64_t i) const { return i * rows; }
+  int64_t size(int64_t i) const { return std::min(rows, total - i * rows); }
+};
+
+// Below this many multiply-adds per call a single thread finishes in well under a millisecond,
+// less than waking (or, on a busy machine, waiting for) a second one.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 23;
+
+inline int64_t usable_threads(int64_t macs) {
+  return macs < kMinParallelMacs ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+// Panels of at most max_rows rows (at most kMaxPanelRows: the tile scratch holds that many).
+inline Panels plan_panels(int64_t M, int64_t threads, int64_t max_rows = kMaxPanelRows) {
+  max_rows = std::clamp<int64_t>(max_rows, 1, kMaxPanelRows);
+  int64_t count = ceil_div(M, max_rows);
+  count = std::min(M, ceil_div(count, threads) * threads);
+  const int64_t rows = ceil_div(M, count);
+  return {ceil_div(M, rows), rows, M, threads};
+}
+
+// out[bm, bn] = alpha * a[bm, :] b[bn, :]^T (BLAS; single-threaded inside the parallel region).
+inline void tile_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::addmm_out(out, out, a, b.t(), /*beta=*/0, /*alpha=*/alpha);
+}
+
+// A [rows, cols] matrix view over the front of a flat scratch buffer.
+inline at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
+  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// ----------------------------------------------------------------------------------------------
+// Schedule without per-thread dk copies: rows are cut into `parts` groups of panels and columns
+// into `parts` blocks of tiles. In step s, part t handles row group t against column block
+// (t + s) mod parts, so within a step every dq row and every dk row has exactly one writer; the
+// steps are separated by the end of each parallel_for. Extra memory: the tile scratch only.
+struct Schedule {
+  int64_t parts, tiles;
+  Panels panels;
+  int64_t group_begin(int64_t t) const { return panels.count * t / parts; }
+  int64_t block_begin(int64_t c) const { return tiles * c / parts * kTileCols; }
+};
+
+inline Schedule plan_schedule(int64_t M, int64_t N, int64_t threads,
+                              int64_t max_rows = kMaxPanelRows) {
+  const Panels panels = plan_panels(M, threads, max_rows);
+  return {std::min(threads, panels.count), ceil_div(N, kTileCols), panels};
+}
+
+// Runs part(t, first_panel, last_panel, c0, c1) for every part t and step of the schedule: row
+// group t (panels [first, last)) against the columns [c0, c1). Within a step the parts run in
+// parallel and write disjoint rows of dq and of dk. Every (row group, column block) pair runs
+// exactly once; which thread runs it depends only on the thread count.
+template <typename Part>
+void run_schedule(const Schedule& plan, int64_t N, Part&& part) {
+  for (int64_t step = 0; step < plan.parts; ++step) {
+    at::parallel_for(0, plan.parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t c = (t + step) % plan.parts;
+        const int64_t c0 = plan.block_begin(c), c1 = std::min(N, plan.block_begin(c + 1));
+        if (c0 < c1) part(t, plan.group_begin(t), plan.group_begin(t + 1), c0, c1);
+      }
+    });
+  }
+}
+
+}  // namespace calrft::cpu
