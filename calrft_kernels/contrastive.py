@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -26,32 +25,17 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import FLOAT_DTYPES, compute_dtype
+from ._checks import compute_dtype
 from .distributed import gather_no_grad, gather_with_grad, world
+from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
+                    check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
+                    kernel_dtype)
 
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
-           "check_weight", "global_batch", "with_rows"]
+           "check_weight", "global_batch", "with_rows", "kernel_dtype"]
 
 
-# Tensor scalars (logit_scale, logit_bias, teacher_logit_scale) are checked for finiteness. On
-# the CPU that is free; on a GPU it needs their values on the host: ONE synchronisation per call
-# (all scalars stacked into one check), skipped inside calrft_kernels.device_checks(False) (a
-# non-finite scale then gives a NaN loss instead of a ValueError). Python floats are always
-# checked; under torch.compile the check is an asynchronous device assert (no graph break).
-
-
-# --------------------------------------------------------------------------------------------
-# dtype policy (one place)
-# --------------------------------------------------------------------------------------------
-def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
-    """The operand dtype a backend's kernel reads. The C++ kernel, the reference and the chunked
-    path on a CPU read float32/float64 (half types are upcast: CPU BLAS has no fast half GEMM);
-    Triton and the chunked path on a GPU read fp16/bf16 natively (fp32 accumulation)."""
-    if dtype in (torch.float16, torch.bfloat16) and (
-            backend in ("cpu", "reference") or (backend == "chunked" and device.type != "cuda")):
-        return torch.float32
-    return dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,113 +142,8 @@ contrastive_stats.register_autograd(_stats_backward, setup_context=_stats_setup_
 
 
 # --------------------------------------------------------------------------------------------
-# Validation: once, at the Python boundary.
-# --------------------------------------------------------------------------------------------
-def _check_features(name: str, x, like: Optional[Tensor] = None) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
-    if like is not None:
-        if x.shape[0] != like.shape[0]:
-            raise ValueError(f"{name} has {x.shape[0]} rows but image_features has {like.shape[0]}")
-        if x.device != like.device:
-            raise ValueError(f"{name} is on {x.device} but image_features is on {like.device}")
-    return x
-
-
-def _check_scalar(name: str, value, device, optional: bool = False):
-    """A 0-dim floating tensor on the features' device, or a finite real number. Tensor values
-    are checked for finiteness by _check_tensor_scalars_finite (batched: one sync on a GPU)."""
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name} is required")
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-dim tensor or float), got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-        return value.reshape(())
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return value
-    raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-
-
-def _check_tensor_scalars_finite(named: dict) -> None:
-    """Raise ValueError naming the first non-finite tensor scalar. CPU: free. GPU: one host
-    synchronisation for all of them (skipped inside calrft_kernels.device_checks(False)). Under torch.compile:
-    an asynchronous assert in the graph (no graph break, no sync; fails as a RuntimeError)."""
-    tensors = {name: v for name, v in named.items() if isinstance(v, Tensor)}
-    if not tensors:
-        return
-    if torch.compiler.is_compiling():
-        for value in tensors.values():
-            torch._assert_async(torch.isfinite(value.detach()))
-        return
-    if not _backend.host_checks_for(*tensors.values()):
-        return
-    flags = torch.stack([torch.isfinite(v.detach().float()) for v in tensors.values()])
-    if bool(flags.all()):
-        return
-    for (name, value), ok in zip(tensors.items(), flags.tolist()):
-        if not ok:
-            raise ValueError(f"{name} must be finite, got {value.detach().item()}")
-
-
-def _check_labels(labels, batch: int, device) -> Optional[Tensor]:
-    if labels is None:
-        return None
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but the features are on {device}")
-    return labels
-
-
-def check_weight(name: str, value, upper: Optional[float] = None) -> float:
-    """A real number in [0, inf) (or [0, upper)); NaN and infinity are refused, naming `name`."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not value >= 0.0 or value == float("inf") or (upper is not None and not value < upper):
-        bound = f"[0, {upper})" if upper is not None else "[0, inf)"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
-    return value
-
-
-def _check_chunk_rows(value) -> int:
-    if value is None:
-        return 0
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"chunk_rows must be a positive int or None, got {value!r}")
-    return int(value)
-
-
-# --------------------------------------------------------------------------------------------
 # Typed inputs and results
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Teacher:
-    """The EMA teacher's features [B, dt] and scale; detached (never gets gradients)."""
-    image: Tensor
-    text: Tensor
-    scale: Union[Tensor, float]
-
-
 @dataclass(frozen=True)
 class ContrastiveInputs:
     """Validated arguments of contrastive_loss (build with `ContrastiveInputs.validate`).
@@ -290,36 +169,17 @@ class ContrastiveInputs:
                  process_group=None, backend="auto", chunk_rows=None) -> "ContrastiveInputs":
         """Check every argument of contrastive_loss (api.md); raise TypeError / ValueError
         naming the argument. The teacher is used iff distill_weight > 0."""
-        image = _check_features("image_features", image_features)
-        text = _check_features("text_features", text_features, image)
-        if text.shape[1] != image.shape[1]:
-            raise ValueError(f"text_features has width {text.shape[1]} but image_features has "
-                             f"{image.shape[1]}")
-        if text.dtype != image.dtype:
-            raise TypeError(f"text_features has dtype {text.dtype} but image_features has "
-                            f"{image.dtype}")
-        scale = _check_scalar("logit_scale", logit_scale, image.device)
-        bias = _check_scalar("logit_bias", logit_bias, image.device, optional=True)
-        labels = _check_labels(labels, image.shape[0], image.device)
+        image, text = check_feature_pair(image_features, text_features)
+        scale = check_scalar("logit_scale", logit_scale, image.device)
+        bias = check_scalar("logit_bias", logit_bias, image.device, optional=True)
+        labels = check_labels(labels, image.shape[0], image.device)
         label_smoothing = check_weight("label_smoothing", label_smoothing, upper=1.0)
         distill_weight = check_weight("distill_weight", distill_weight)
-        teacher = None
-        if distill_weight > 0.0:
-            if (teacher_image_features is None or teacher_text_features is None
-                    or teacher_logit_scale is None):
-                raise ValueError("distill_weight > 0 needs teacher_image_features, "
-                                 "teacher_text_features and teacher_logit_scale")
-            timg = _check_features("teacher_image_features", teacher_image_features, image)
-            ttxt = _check_features("teacher_text_features", teacher_text_features, image)
-            if timg.shape[1] != ttxt.shape[1]:
-                raise ValueError(f"teacher_image_features and teacher_text_features differ in "
-                                 f"width: {timg.shape[1]} vs {ttxt.shape[1]}")
-            tscale = _check_scalar("teacher_logit_scale", teacher_logit_scale, image.device)
-            teacher = Teacher(timg.detach(), ttxt.detach(),
-                              tscale.detach() if isinstance(tscale, Tensor) else tscale)
-        _check_tensor_scalars_finite({"logit_scale": scale, "logit_bias": bias,
-                                      "teacher_logit_scale": teacher and teacher.scale})
-        chunk_rows = _check_chunk_rows(chunk_rows)
+        teacher = check_teacher(image, distill_weight, teacher_image_features,
+                                teacher_text_features, teacher_logit_scale)
+        check_tensor_scalars_finite({"logit_scale": scale, "logit_bias": bias,
+                                     "teacher_logit_scale": teacher and teacher.scale})
+        chunk_rows = check_chunk_rows(chunk_rows)
         backend = _backend.resolve(backend, image.device, "contrastive_loss",
                                    cuda_symbol="contrastive_stats_forward_cuda",
                                    auto_cuda="chunked", chunked=True)
@@ -374,12 +234,6 @@ def global_batch(inputs: ContrastiveInputs) -> GlobalBatch:
 # --------------------------------------------------------------------------------------------
 # The composition: the loss terms from the statistics.
 # --------------------------------------------------------------------------------------------
-def _as_scalar_tensor(value, dtype, device) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.to(dtype)
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
 def _target_logits(q: Tensor, keys: Tensor, offset: int, scale: Tensor, bias: Tensor,
                    labels_all: Optional[Tensor], label_smoothing: float) -> Tensor:
     """sum_j Y_ij S_ij for the rows offset..offset+len(q) of the global batch: the linear part of
@@ -419,11 +273,11 @@ def contrastive_terms(inputs: ContrastiveInputs,
     kdtype = kernel_dtype(image.dtype, backend, image.device)
     sdtype = compute_dtype(kdtype)
     device = image.device
-    scale = _as_scalar_tensor(inputs.scale, sdtype, device)
-    bias = _as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
+    scale = as_scalar_tensor(inputs.scale, sdtype, device)
+    bias = as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
     cast = lambda x: x.to(kdtype).contiguous()  # noqa: E731
     teacher = batch.teacher
-    tscale = None if teacher is None else _as_scalar_tensor(teacher.scale, sdtype, device).detach()
+    tscale = None if teacher is None else as_scalar_tensor(teacher.scale, sdtype, device).detach()
     img, txt = cast(image), cast(text)
     stats = functools.partial(contrastive_stats, backend=backend, chunk_rows=inputs.chunk_rows)
     offset = batch.offset

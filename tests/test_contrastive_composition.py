@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from calrft_kernels import CaRotLoss, ClipLoss, contrastive, contrastive_loss
+from calrft_kernels import CaRotLoss, ClipLoss, contrastive_loss, pairs
 from calrft_kernels.contrastive import ContrastiveInputs, ContrastiveTerms, contrastive_terms
 
 
@@ -49,12 +49,12 @@ def test_terms_compose_the_loss():
 def test_each_public_caller_validates_the_features_once(caller, monkeypatch):
     img, txt, timg, ttxt = _batch(seed=2)
     calls = []
-    real = contrastive._check_features
+    real = pairs.check_features
 
     def counting(name, *args, **kwargs):
         calls.append(name)
         return real(name, *args, **kwargs)
-    monkeypatch.setattr(contrastive, "_check_features", counting)
+    monkeypatch.setattr(pairs, "check_features", counting)
     if caller == "contrastive_loss":
         contrastive_loss(img, txt, 3.0)
     elif caller == "ClipLoss":
