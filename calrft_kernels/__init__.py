@@ -5,12 +5,13 @@ dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on
 `device_checks(False)` scopes off the argument checks that would synchronise with a GPU."""
 from ._backend import device_checks  # first: it loads torch, then the native extension
 from .contrastive import contrastive_loss
-from .losses import CaRotLoss, ClipLoss
+from .sigmoid import sigmoid_loss
+from .losses import CaRotLoss, ClipLoss, SigLipLoss
 from .covariance import CovarianceAccumulator, batch_covariance
 from .eigen import covariance_sigma_min, smallest_eigenvalue, smallest_singular_value
 from .orthogonality import orthogonality_loss
 
-__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "batch_covariance",
+__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss", "batch_covariance",
            "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
            "smallest_singular_value", "orthogonality_loss", "device_checks"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
-"""nn.Module losses: ClipLoss (drop-in for open_clip.loss.ClipLoss) and CaRotLoss (the whole
-per-step CaRot objective). Both compose the package's ops; neither computes a kernel itself."""
+"""nn.Module losses: ClipLoss (drop-in for open_clip.loss.ClipLoss), SigLipLoss (drop-in for
+open_clip.loss.SigLipLoss) and CaRotLoss (the whole per-step CaRot objective). They compose the
+package's ops; none computes a kernel itself."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,6 +14,9 @@ from .contrastive import (ContrastiveInputs, GlobalBatch, check_weight, contrast
 from .distributed import gather_no_grad, gather_with_grad, world
 from .eigen import covariance_sigma_min
 from .orthogonality import orthogonality_loss
+from .sigmoid import SigmoidInputs, sigmoid_terms
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's SigLipLoss exchanges
 
 
 class ClipLoss(nn.Module):
@@ -73,6 +77,40 @@ class ClipLoss(nn.Module):
             return inputs, GlobalBatch(image_all, text_all, rank * n)
         # every rank computes the loss of the whole global batch
         return with_rows(inputs, image_all, text_all), GlobalBatch(image_all, text_all, 0)
+
+
+class SigLipLoss(nn.Module):
+    """open_clip.loss.SigLipLoss with the same constructor, forward and outputs, computed by the
+    fused sigmoid kernel (no B x B logits, gradients formed in the forward pass).
+
+    One process only for now: world_size > 1 (open_clip's neighbour exchanges) is refused with
+    a ValueError until the sigmoid family gains process groups. cache_labels is accepted for
+    compatibility (there are no label tensors to cache); dist_impl is checked as open_clip
+    does."""
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+        super().__init__()
+        dist_impl = dist_impl or "bidir"  # open_clip's default
+        if dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got "
+                             f"{dist_impl!r}")
+        if world_size > 1:
+            raise ValueError(f"SigLipLoss(world_size={world_size}) is not supported yet: the "
+                             f"fused sigmoid loss runs on one process until it gains process "
+                             f"groups; use world_size=1, or open_clip's SigLipLoss for now")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        inputs = SigmoidInputs.validate(image_features, text_features, logit_scale, logit_bias,
+                                        backend=self.backend)
+        loss = sigmoid_terms(inputs).total.to(inputs.image.dtype)
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class CaRotLoss(nn.Module):

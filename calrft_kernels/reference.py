@@ -90,6 +90,86 @@ def contrastive_stats_backward_reference(grad_row: Tensor, grad_col: Tensor, q: 
     return ds @ k, ds.T @ q
 
 
+# ----------------------------------------------------------------------------------------------
+# The sigmoid (SigLIP) loss: one plain reference (tests and benchmarks import it) and the
+# "reference" kernel of calrft::sigmoid_pairs built on it.
+# ----------------------------------------------------------------------------------------------
+def sigmoid_positives(rows: int, cols: int, row_labels: Optional[Tensor] = None,
+                      col_labels: Optional[Tensor] = None, offset: int = 0,
+                      device=None) -> Tensor:
+    """[rows, cols] bool: the positive pairs. With labels, labels equal; without, the diagonal
+    shifted by offset (row i is the global row i + offset)."""
+    if row_labels is not None:
+        return row_labels[:, None] == col_labels[None, :]
+    i = torch.arange(rows, device=device)[:, None] + offset
+    return i == torch.arange(cols, device=device)[None, :]
+
+
+def sigmoid_pair_terms_reference(s: Tensor, positive: Tensor, t: Optional[Tensor] = None):
+    """Per-pair terms on materialised logits: (loss = -log sigmoid(z S) with z = +1 on positive
+    pairs and -1 elsewhere, distillation = BCE(sigmoid(S), sigmoid(T)) in cross-entropy form, or
+    None without teacher logits T; the targets sigmoid(T) get no gradient)."""
+    z = positive.to(s.dtype) * 2 - 1
+    loss = -torch.nn.functional.logsigmoid(z * s)
+    if t is None:
+        return loss, None
+    target = torch.sigmoid(t.detach())
+    return loss, torch.nn.functional.binary_cross_entropy_with_logits(s, target, reduction="none")
+
+
+def sigmoid_loss_reference(image_features: Tensor, text_features: Tensor, logit_scale,
+                           logit_bias=None, *, labels: Optional[Tensor] = None,
+                           teacher_image_features: Optional[Tensor] = None,
+                           teacher_text_features: Optional[Tensor] = None,
+                           teacher_logit_scale=None, teacher_logit_bias=None,
+                           distill_weight: float = 0.0) -> Tensor:
+    """The api.md formula of sigmoid_loss on the materialised B x B logits (run it in float64):
+    (1/B) sum_ij [-log sigmoid(z_ij S_ij) + distill_weight BCE(sigmoid(S_ij), sigmoid(T_ij))]."""
+    n = image_features.shape[0]
+    s = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        s = s + logit_bias
+    positive = sigmoid_positives(n, n, labels, labels, device=s.device)
+    t = None
+    if distill_weight:
+        with torch.no_grad():
+            t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+            if teacher_logit_bias is not None:
+                t = t + teacher_logit_bias
+    loss, sd = sigmoid_pair_terms_reference(s, positive, t)
+    total = loss.sum() / n
+    return total if sd is None else total + distill_weight * sd.sum() / n
+
+
+def sigmoid_pairs_kernel(q: Tensor, k: Tensor, scale, bias, qlabels=None, klabels=None,
+                         offset: int = 0, tq=None, tk=None, tscale=None, tbias=None,
+                         distill_weight: float = 0.0, with_grads: bool = True,
+                         panel_rows: int = 0):
+    """The "reference" kernel of calrft::sigmoid_pairs (docs/design.md): the kernel contract on
+    materialised M x N logits, with the pair terms of sigmoid_pair_terms_reference and their
+    derivative G = dl/dS = -z sigmoid(-z S) + w (sigmoid(S) - sigmoid(T)) written out (the op's
+    implementation runs below autograd; the tests hold G against autograd of
+    sigmoid_loss_reference). Returns (parts [4] = (sum l + w SD, sum l, sum SD, sum G),
+    dq_u = G k, dk_u = G^T q), the gradients [0, d] without with_grads; float32, or float64 for
+    float64 inputs. panel_rows is the C++ kernel's tiling: no meaning here."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, scale, bias, tq, tk, tscale, tbias = (_as_stats(x, dtype) for x in
+                                                (q, k, scale, bias, tq, tk, tscale, tbias))
+    s = scale * (q @ k.T) + bias
+    t = None if tq is None else tscale * (tq @ tk.T) + (0.0 if tbias is None else tbias)
+    positive = sigmoid_positives(q.shape[0], k.shape[0], qlabels, klabels, offset, q.device)
+    loss, sd = sigmoid_pair_terms_reference(s, positive, t)
+    loss_sum = loss.sum()
+    sd_sum = loss_sum.new_zeros(()) if sd is None else sd.sum()
+    g = torch.where(positive, -torch.sigmoid(-s), torch.sigmoid(s))
+    if t is not None:
+        g = g + distill_weight * (torch.sigmoid(s) - torch.sigmoid(t))
+    parts = torch.stack([loss_sum + distill_weight * sd_sum, loss_sum, sd_sum, g.sum()])
+    if not with_grads:
+        return parts, q.new_empty(0, q.shape[1]), k.new_empty(0, k.shape[1])
+    return parts, (g @ k).contiguous(), (g.T @ q).contiguous()
+
+
 def covariance_reference(z: Tensor, correction: float = 1):
     """Two-pass centred covariance of the rows of z [B, d] in z's dtype (run it on float64 input
     for the ground truth): (Sigma = (z - mean)^T (z - mean) / (B - correction), mean)."""

@@ -33,6 +33,12 @@ def contrastive_exp_cpu(x):
     return native_testing().contrastive_exp_cpu(x)
 
 
+def sigmoid_log1p_cpu(x):
+    """The C++ sigmoid kernel's (exp(-|x|), log(1 + exp(-|x|))) (vector lanes for the bulk,
+    scalar tail), so tests can measure its error against float64. x: float32/float64 CPU tensor."""
+    return native_testing().sigmoid_log1p_cpu(x)
+
+
 # ---- spectral (covariance + eigen-solver families) -------------------------------------------
 
 def spectral_hooks():
@@ -111,15 +117,18 @@ class BindingStub:
         return self.impl(*args)
 
 
-def count_flops_through_contrastive_ops() -> None:
-    """Let torch.utils.flop_counter.FlopCounterMode see the GEMMs inside the contrastive custom
-    ops (a torch dispatch mode otherwise treats a custom op as opaque and counts nothing in it):
-    under that mode the ops run their implementation with the mode active. Idempotent."""
+def count_flops_through_custom_ops() -> None:
+    """Let torch.utils.flop_counter.FlopCounterMode see the GEMMs inside the pair-loss custom ops
+    (contrastive and sigmoid; a torch dispatch mode otherwise treats a custom op as opaque and
+    counts nothing in it): under that mode the ops run their implementation with the mode
+    active. The C++ kernels' tile products are seen where they run on the calling thread (small
+    problems run on one thread). Idempotent."""
     import torch.utils.flop_counter as fc
 
-    from . import contrastive
+    from . import contrastive, sigmoid
     mode_type = getattr(fc, "_FlopCounterMode", fc.FlopCounterMode)
-    for op in (contrastive.contrastive_stats, contrastive.contrastive_stats_backward):
+    for op in (contrastive.contrastive_stats, contrastive.contrastive_stats_backward,
+               sigmoid.sigmoid_pairs):
         if mode_type in getattr(op, "_torch_dispatch_fns", {}):
             continue
 

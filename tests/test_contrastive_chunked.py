@@ -174,7 +174,7 @@ def test_fp16_gradients_of_a_large_batch_do_not_underflow():
 @pytest.mark.parametrize("distill", [False, True])
 @pytest.mark.parametrize("b,d,chunk", [(37, 8, 5), (64, 16, None), (130, 3, 128)])
 def test_work_is_four_units_or_six_with_distillation(b, d, chunk, distill):
-    testing.count_flops_through_contrastive_ops()
+    testing.count_flops_through_custom_ops()
     inputs, kwargs = make_inputs(b, d, dtype=torch.float32, distill=distill, dt=d, bias=True,
                                  labels=True)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
