@@ -171,15 +171,18 @@ def test_fp16_gradients_of_a_large_batch_do_not_underflow():
 
 
 # ---- work: 4 products without distillation, 6 with (FlopCounterMode over the public op) ------
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
 @pytest.mark.parametrize("distill", [False, True])
 @pytest.mark.parametrize("b,d,chunk", [(37, 8, 5), (64, 16, None), (130, 3, 128)])
-def test_work_is_four_units_or_six_with_distillation(b, d, chunk, distill):
+def test_work_is_four_units_or_six_with_distillation(b, d, chunk, distill, backend):
+    """The chunked kernel and the C++ kernel (whose tile products run on the calling thread at
+    these sizes, where FlopCounterMode sees them)."""
     testing.count_flops_through_custom_ops()
     inputs, kwargs = make_inputs(b, d, dtype=torch.float32, distill=distill, dt=d, bias=True,
                                  labels=True)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     with FlopCounterMode(display=False) as counter:
-        loss = contrastive_loss(**leaves, **kwargs, backend="chunked", chunk_rows=chunk)
+        loss = contrastive_loss(**leaves, **kwargs, backend=backend, chunk_rows=chunk)
         loss.backward()
     unit = 2 * b * b * d
     assert counter.get_total_flops() == (6 if distill else 4) * unit, counter.get_flop_counts()

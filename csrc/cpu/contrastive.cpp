@@ -28,6 +28,7 @@
 namespace calrft {
 namespace {
 
+using cpu::accumulate_product;
 using cpu::ceil_div;
 using cpu::check_matrix;
 using cpu::for_lanes;
@@ -460,8 +461,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
           cols = {all_cols.g0 + j0, all_cols.shift + j0, kTeacher ? all_cols.g2 + j0 : nullptr,
                   kTeacher ? all_cols.tshift + j0 : nullptr};
         tile_grad<T, kTeacher, kCols>(s.data_ptr<T>(), t_ptr, bm, bn, rows, cols);
-        dq_panel.addmm_(s, k_tile);                    // dq += dS k_tile
-        dk.narrow(0, j0, bn).addmm_(s.t(), q_panel);   // dk += dS^T q_panel
+        accumulate_product(dq_panel, s, k_tile);                     // dq += dS k_tile
+        accumulate_product(dk.narrow(0, j0, bn), s.t(), q_panel);    // dk += dS^T q_panel
       }
     }
   });

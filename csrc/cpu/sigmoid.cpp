@@ -23,6 +23,7 @@
 namespace calrft {
 namespace {
 
+using cpu::accumulate_product;
 using cpu::check_matrix;
 using cpu::exp_log1p_neg_abs;
 using cpu::kMaxPanelRows;
@@ -210,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p) {
         pair_tile<T, kTeacher, kGrads>(p, s.data_ptr<T>(), t_ptr, i0, bm, j0, bn, pos.data(),
                                        sums);
         if constexpr (kGrads) {
-          dq.narrow(0, i0, bm).addmm_(s, k_tile);        // dq += G k_tile
-          dk.narrow(0, j0, bn).addmm_(s.t(), q_panel);   // dk += G^T q_panel
+          accumulate_product(dq.narrow(0, i0, bm), s, k_tile);        // dq += G k_tile
+          accumulate_product(dk.narrow(0, j0, bn), s.t(), q_panel);   // dk += G^T q_panel
         }
       }
     }

@@ -1,0 +1,106 @@
+"""The sigmoid loss as a custom op: torch.library.opcheck of calrft::sigmoid_pairs (schema, fake
+kernel, autograd registration, AOT dispatch), torch.compile(fullgraph=True) against eager, and
+the work it does, counted with FlopCounterMode (3 products with gradients, 1 without, one more
+for the teacher)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from calrft_kernels import sigmoid_loss, testing
+from calrft_kernels.sigmoid import sigmoid_pairs  # noqa: F401  (registers the op)
+
+BACKENDS = ["cpu", "reference"]
+
+
+def _args(backend, teacher, labels, with_grads, dtype=torch.float32, requires_grad=True):
+    gen = torch.Generator().manual_seed(0)
+    m, n, d = 7, 5, 3
+    q = torch.randn(m, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+    k = torch.randn(n, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+    scale = torch.tensor(2.5, dtype=dtype).requires_grad_(requires_grad)
+    bias = torch.tensor(-0.5, dtype=dtype).requires_grad_(requires_grad)
+    qlab = klab = None
+    if labels:
+        qlab, klab = torch.randint(0, 3, (m,), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    tq = tk = tscale = tbias = None
+    if teacher:
+        tq, tk = torch.randn(m, 4, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen,
+                                                                          dtype=dtype)
+        tscale, tbias = torch.tensor(1.5, dtype=dtype), torch.tensor(-1.0, dtype=dtype)
+    return (q, k, scale, bias, qlab, klab, 1, tq, tk, tscale, tbias, 0.8 if teacher else 0.0,
+            with_grads, backend, 3)
+
+
+@pytest.mark.parametrize("with_grads", [True, False])
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_sigmoid_pairs(backend, teacher, labels, with_grads):
+    torch.library.opcheck(torch.ops.calrft.sigmoid_pairs.default,
+                          _args(backend, teacher, labels, with_grads,
+                                requires_grad=with_grads))
+
+
+def test_opcheck_float64():
+    for backend in BACKENDS:
+        torch.library.opcheck(torch.ops.calrft.sigmoid_pairs.default,
+                              _args(backend, True, True, True, dtype=torch.float64))
+
+
+def _inputs(b=40, d=8, teacher=True, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)  # noqa: E731
+    inputs = {"image_features": unit(), "text_features": unit(),
+              "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-10.0)}
+    kwargs = {"labels": torch.randint(0, 5, (b,), generator=gen)}
+    if teacher:
+        kwargs.update(teacher_image_features=unit(), teacher_text_features=unit(),
+                      teacher_logit_scale=torch.tensor(9.0), teacher_logit_bias=-8.0,
+                      distill_weight=1.5)
+    return inputs, kwargs
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_fullgraph_matches_eager(backend, teacher):
+    torch._dynamo.reset()
+    inputs, kwargs = _inputs(teacher=teacher)
+
+    def run(fn):
+        leaves = [v.clone().requires_grad_() for v in inputs.values()]
+        loss = fn(*leaves)
+        loss.backward()
+        return loss.detach(), [x.grad for x in leaves]
+
+    def loss_fn(img, txt, scale, bias):
+        return sigmoid_loss(img, txt, scale, bias, **kwargs, backend=backend)
+    eager = run(loss_fn)
+    compiled = run(torch.compile(loss_fn, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # the no-gradient trace: forward product only
+        torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(*inputs.values()),
+                                   eager[0], rtol=1e-6, atol=1e-6)
+
+
+# ---- work: 3 products with gradients (4 with a teacher), 1 without (2) ----------------------
+@pytest.mark.parametrize("b,d", [(37, 8), (130, 3)])
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_work_is_three_units_with_gradients_and_one_without(backend, teacher, b, d):
+    """Counted over the public op (the C++ kernel's tile products run on the calling thread at
+    these sizes, where FlopCounterMode sees them). unit = one B x B x d product."""
+    testing.count_flops_through_custom_ops()
+    inputs, kwargs = _inputs(b, d, teacher=teacher)
+    unit = 2 * b * b * d
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    with FlopCounterMode(display=False) as counter:
+        sigmoid_loss(**leaves, **kwargs, backend=backend).backward()
+    assert counter.get_total_flops() == (4 if teacher else 3) * unit, counter.get_flop_counts()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        sigmoid_loss(**leaves, **kwargs, backend=backend)
+    assert counter.get_total_flops() == (2 if teacher else 1) * unit, counter.get_flop_counts()
+    with FlopCounterMode(display=False) as counter:  # grad mode on, but nothing requires grad
+        sigmoid_loss(**inputs, **kwargs, backend=backend)
+    assert counter.get_total_flops() == (2 if teacher else 1) * unit, counter.get_flop_counts()
