@@ -1,12 +1,8 @@
 """CPU benchmark of the fused contrastive loss against open_clip's ClipLoss and a naive CaRot loss.
 
-Memory: every (method, B) runs once in a fresh subprocess, so its peak is its own: the child
-builds the inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs)
-and reports VmHWM - VmRSS around one forward+backward (gradients and every temporary count as
-extra; the inputs do not).
-Time: one more subprocess per B runs all methods round-robin (--reps rounds, the order rotating
-each round) and reports each method's median, so that every ratio compares runs made under the
-same machine load (this machine is shared: load varies by 2x within minutes).
+Memory (peak extra RSS of one forward+backward, each method in its own subprocess) and time
+(round-robin medians of all methods in one process) are measured by benchmarks/_loss_bench.py,
+shared with bench_sigmoid.py.
 
 Methods (d = 512, float32, logit scale 100):
   fused          calrft_kernels.contrastive_loss(..., backend="cpu")   (the C++ kernel)
@@ -26,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._common import mem_available_bytes, proc_status_kib, reset_peak_rss  # noqa: E402
+from benchmarks._common import mem_available_bytes  # noqa: E402
+from benchmarks._loss_bench import LossBench, get  # noqa: E402
 
 SIZES = (1024, 4096, 8192, 16384, 65536)
 METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
@@ -93,119 +88,21 @@ def _make_step(method, B, d, seed=0):
     return step, clear
 
 
-def child(method, B, d, reps):
-    import torch
-    warm, warm_clear = _make_step(method, 256, d)
-    warm()
-    warm_clear()
-    step, clear = _make_step(method, B, d)
-    reset_peak_rss()  # VmHWM := current RSS
-    base = proc_status_kib("VmRSS")
-    t0 = time.perf_counter()
-    step()
-    times = [time.perf_counter() - t0]
-    peak = proc_status_kib("VmHWM")
-    clear()
-    for _ in range(reps - 1):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        clear()
-    timed = sorted(times[1:] if len(times) > 1 else times)
-    return dict(method=method, B=B, d=d, threads=torch.get_num_threads(), runs=len(timed),
-                seconds=timed[len(timed) // 2], extra_mib=(peak - base) / 1024)
 
 
-def child_times(methods, B, d, reps):
-    """Median forward+backward seconds of each method, run round-robin in this one process."""
-    steps = {}
-    for method in methods:
-        warm, warm_clear = _make_step(method, 256, d)
-        warm()
-        warm_clear()
-        step, clear = _make_step(method, B, d)
-        step()  # first run: page faults, allocator growth
-        clear()
-        steps[method] = (step, clear)
-    times = {m: [] for m in methods}
-    for r in range(reps):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        for m in order:
-            step, clear = steps[m]
-            t0 = time.perf_counter()
-            step()
-            times[m].append(time.perf_counter() - t0)
-            clear()
-    return {m: sorted(t)[len(t) // 2] for m, t in times.items()}
-
-
-# ------------------------------------------------------------------------------------------
-# Parent side
-# ------------------------------------------------------------------------------------------
-def run_child(method, B, d, reps, timeout):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(B), str(d), str(reps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if out.returncode != 0:
-        return dict(method=method, B=B, error=out.stderr.strip().splitlines()[-1:] or ["?"])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure(sizes, methods, d, reps, big_reps, limit_bytes, timeout):
-    results = []
-    for B in sizes:
-        runnable = []
-        for method in methods:
-            need = BYTES_PER_B2.get(method, 0) * B * B
-            if need >= limit_bytes:
-                results.append(dict(method=method, B=B, skipped=f"needs ~{need / 2**30:.0f} GiB"))
-                print(f"  skip {method:14s} B={B}: needs ~{need / 2**30:.1f} GiB > limit", flush=True)
-                continue
-            r = run_child(method, B, d, 1, timeout)  # memory (and one time sample)
-            results.append(r)
-            print("  ", json.dumps(r), flush=True)
-            if "seconds" in r:
-                runnable.append(method)
-        # All methods of this B in one process, round-robin: the times that the ratios use.
-        # Materialising methods run one at a time there, so the largest one must fit alone.
-        n = reps if B <= 8192 else big_reps
-        if len(runnable) > 1 and n > 0:
-            medians = run_times(runnable, B, d, n, timeout)
-            for r in results:
-                if r["B"] == B and r["method"] in medians:
-                    r.update(single_run_seconds=r["seconds"], seconds=medians[r["method"]], runs=n)
-            print("   round-robin medians:", json.dumps(medians), flush=True)
-    return results
-
-
-def run_times(methods, B, d, reps, timeout):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-times", str(B), str(d), str(reps),
-           *methods]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if out.returncode != 0:
-        print("   round-robin timing failed:", out.stderr.strip().splitlines()[-1:], flush=True)
-        return {}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _get(results, method, B):
-    for r in results:
-        if r["method"] == method and r["B"] == B and "seconds" in r:
-            return r
-    return None
+BENCH = LossBench(__file__, _make_step, BYTES_PER_B2)
 
 
 def unit_seconds(results, B):
     """3-unit time at B: measured, or scaled by (B / B0)^2 from the largest measured B0 < B."""
-    r = _get(results, "unit", B)
+    r = get(results, "unit", B)
     if r:
         return r["seconds"], False
     done = sorted(x["B"] for x in results if x["method"] == "unit" and "seconds" in x and x["B"] < B)
     if not done:
         return None, False
     b0 = done[-1]
-    return _get(results, "unit", b0)["seconds"] * (B / b0) ** 2, True
+    return get(results, "unit", b0)["seconds"] * (B / b0) ** 2, True
 
 
 def table(results, sizes):
@@ -213,7 +110,7 @@ def table(results, sizes):
              "|---|---|---|---|---|---|---|"]
     for B in sizes:
         unit, extrapolated = unit_seconds(results, B)
-        oc, naive = _get(results, "open_clip", B), _get(results, "naive CaRot", B)
+        oc, naive = get(results, "open_clip", B), get(results, "naive CaRot", B)
         for method in METHODS:
             r = next((x for x in results if x["method"] == method and x["B"] == B), None)
             if r is None:
@@ -283,22 +180,15 @@ def main(argv=None):
                     help="JSON-lines files of earlier runs to table/plot with this one "
                          "(use --sizes with no new measurement: --methods none)")
     ap.add_argument("--png", default=os.path.join(HERE, "contrastive_cpu.png"))
-    ap.add_argument("--child", nargs=4, metavar=("METHOD", "B", "D", "REPS"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-times", nargs="+", help=argparse.SUPPRESS)
+    LossBench.add_child_arguments(ap)
     args = ap.parse_args(argv)
-    if args.child_times:
-        B, d, reps, *methods = args.child_times
-        print(json.dumps(child_times(methods, int(B), int(d), int(reps))))
-        return
-    if args.child:
-        method, B, d, reps = args.child
-        print(json.dumps(child(method, int(B), int(d), int(reps))))
+    if BENCH.main_child(args):
         return
     sizes = [1024, 4096] if args.quick else args.sizes
     limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
     print(f"sizes {sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
     methods = [m for m in args.methods if m != "none"]
-    results = measure(sizes, methods, args.d, args.reps, args.big_reps, limit, args.timeout)
+    results = BENCH.measure(sizes, methods, args.d, args.reps, args.big_reps, limit, args.timeout)
     if args.json:
         with open(args.json, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in results))

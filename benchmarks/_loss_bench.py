@@ -1,0 +1,166 @@
+"""The CPU loss-benchmark harness shared by bench_contrastive.py and bench_sigmoid.py (one copy).
+
+A benchmark script supplies `make_step(method, B, d) -> (step, clear)` (one forward+backward and
+the clearing of its gradients) and calls `LossBench.main_child(args)` first in its main, so that
+the same script serves as the child process:
+
+- Memory: every (method, B) runs once in a fresh subprocess, so its peak is its own: the child
+  builds the inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs)
+  and reports VmHWM - VmRSS around one forward+backward (gradients and every temporary count as
+  extra; the inputs do not).
+- Time: one more subprocess per B runs all methods round-robin (reps rounds, the order rotating
+  each round) and reports each method's median, so that every ratio compares runs made under the
+  same machine load (this machine is shared: load varies by 2x within minutes).
+- Safety: a method that materialises B x B buffers (it has an entry in bytes_per_b2) never runs
+  above MAX_MATERIALISED_B (this machine has 24 GiB and no swap), nor where its estimated peak
+  exceeds the memory limit. Run the scripts under an address-space cap (prlimit --as=...): the
+  children inherit it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks._common import proc_status_kib, reset_peak_rss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_MATERIALISED_B = 16384  # at 65536 one fp32 B x B buffer is 16 GiB
+
+
+class LossBench:
+    def __init__(self, script: str, make_step, bytes_per_b2: dict):
+        self.script = os.path.abspath(script)
+        self.make_step = make_step
+        self.bytes_per_b2 = bytes_per_b2
+
+    # ---- child side: one method at one size, or all methods of one size round-robin ---------
+    def child(self, method, B, d, reps):
+        import torch
+        warm, warm_clear = self.make_step(method, 256, d)
+        warm()
+        warm_clear()
+        step, clear = self.make_step(method, B, d)
+        reset_peak_rss()  # VmHWM := current RSS
+        base = proc_status_kib("VmRSS")
+        t0 = time.perf_counter()
+        step()
+        times = [time.perf_counter() - t0]
+        peak = proc_status_kib("VmHWM")
+        clear()
+        for _ in range(reps - 1):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+            clear()
+        timed = sorted(times[1:] if len(times) > 1 else times)
+        return dict(method=method, B=B, d=d, threads=torch.get_num_threads(), runs=len(timed),
+                    seconds=timed[len(timed) // 2], extra_mib=(peak - base) / 1024)
+
+    def child_times(self, methods, B, d, reps):
+        """Median forward+backward seconds of each method, run round-robin in this process."""
+        steps = {}
+        for method in methods:
+            warm, warm_clear = self.make_step(method, 256, d)
+            warm()
+            warm_clear()
+            step, clear = self.make_step(method, B, d)
+            step()  # first run: page faults, allocator growth
+            clear()
+            steps[method] = (step, clear)
+        times = {m: [] for m in methods}
+        for r in range(reps):
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            for m in order:
+                step, clear = steps[m]
+                t0 = time.perf_counter()
+                step()
+                times[m].append(time.perf_counter() - t0)
+                clear()
+        return {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+
+    def main_child(self, args) -> bool:
+        """Run the child side when the script was started as a child (--child / --child-times);
+        True when it did (the script then returns)."""
+        if getattr(args, "child_times", None):
+            B, d, reps, *methods = args.child_times
+            print(json.dumps(self.child_times(methods, int(B), int(d), int(reps))))
+            return True
+        if getattr(args, "child", None):
+            method, B, d, reps = args.child
+            print(json.dumps(self.child(method, int(B), int(d), int(reps))))
+            return True
+        return False
+
+    @staticmethod
+    def add_child_arguments(ap) -> None:
+        ap.add_argument("--child", nargs=4, metavar=("METHOD", "B", "D", "REPS"),
+                        help=__import__("argparse").SUPPRESS)
+        ap.add_argument("--child-times", nargs="+", help=__import__("argparse").SUPPRESS)
+
+    # ---- parent side ------------------------------------------------------------------------
+    def _run(self, args, timeout):
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, self.script, *args], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+
+    def run_child(self, method, B, d, reps, timeout):
+        out = self._run(["--child", method, str(B), str(d), str(reps)], timeout)
+        if out.returncode != 0:
+            return dict(method=method, B=B, error=out.stderr.strip().splitlines()[-1:] or ["?"])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def run_times(self, methods, B, d, reps, timeout):
+        out = self._run(["--child-times", str(B), str(d), str(reps), *methods], timeout)
+        if out.returncode != 0:
+            print("   round-robin timing failed:", out.stderr.strip().splitlines()[-1:], flush=True)
+            return {}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def skip_reason(self, method, B, limit_bytes):
+        """Why (method, B) must not run here, or None."""
+        if method not in self.bytes_per_b2:
+            return None
+        if B > MAX_MATERIALISED_B:
+            return f"materialises B x B: never above B = {MAX_MATERIALISED_B} here"
+        need = self.bytes_per_b2[method] * B * B
+        if need >= limit_bytes:
+            return f"needs ~{need / 2**30:.0f} GiB"
+        return None
+
+    def measure(self, sizes, methods, d, reps, big_reps, limit_bytes, timeout, big_from=8192):
+        results = []
+        for B in sizes:
+            runnable = []
+            for method in methods:
+                why = self.skip_reason(method, B, limit_bytes)
+                if why:
+                    results.append(dict(method=method, B=B, skipped=why))
+                    print(f"  skip {method:14s} B={B}: {why}", flush=True)
+                    continue
+                r = self.run_child(method, B, d, 1, timeout)  # memory (and one time sample)
+                results.append(r)
+                print("  ", json.dumps(r), flush=True)
+                if "seconds" in r:
+                    runnable.append(method)
+            # All methods of this B in one process, round-robin: the times that the ratios use.
+            # Materialising methods run one at a time there, so the largest one must fit alone.
+            n = reps if B <= big_from else big_reps
+            if len(runnable) > 1 and n > 0:
+                medians = self.run_times(runnable, B, d, n, timeout)
+                for r in results:
+                    if r["B"] == B and r["method"] in medians:
+                        r.update(single_run_seconds=r["seconds"], seconds=medians[r["method"]],
+                                 runs=n)
+                print("   round-robin medians:", json.dumps(medians), flush=True)
+        return results
+
+
+def get(results, method, B):
+    """The result of (method, B) that has a time, or None."""
+    for r in results:
+        if r["method"] == method and r["B"] == B and "seconds" in r:
+            return r
+    return None
