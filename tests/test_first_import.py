@@ -59,7 +59,8 @@ def test_console_command_runs_the_cpu_kernels(tmp_path):
     proc = subprocess.run([script, "env"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "native extension calrft_kernels._C: loaded" in proc.stdout
-    for op in ("contrastive_loss(backend='cpu') on cpu", "batch_covariance(backend='cpu') on cpu"):
+    for op in ("contrastive_loss(backend='cpu') on cpu", "sigmoid_loss(backend='cpu') on cpu",
+               "batch_covariance(backend='cpu') on cpu"):
         assert f"ok   {op}:" in proc.stdout, proc.stdout
 
 
