@@ -90,6 +90,9 @@ def _pairs_setup_context(ctx, inputs, output):
     q, k, scale, bias = inputs[:4]
     _, detail, dq_u, dk_u = output
     ctx.mark_non_differentiable(detail, dq_u, dk_u)
+    # Unused outputs' gradients stay None: materialised, dq_u and dk_u would cost two [B, d]
+    # buffers of zeros in every backward.
+    ctx.set_materialize_grads(False)
     ctx.with_grads = inputs[12]
     ctx.dtypes = (q.dtype, k.dtype, scale.dtype, bias.dtype)
     ctx.save_for_backward(scale, detail, dq_u, dk_u)
@@ -104,12 +107,15 @@ def _pairs_backward(ctx, grad_loss, grad_detail, grad_dq, grad_dk):
     if not ctx.with_grads:
         raise RuntimeError("calrft::sigmoid_pairs was called with with_grads=False (no input "
                            "required grad), so it formed no gradients to return")
+    none = (None,) * 11  # labels, offset, teacher, weight, flags, backend, chunk_rows
+    if grad_loss is None:  # only the non-differentiable outputs were used
+        return (None,) * 4 + none
     scale, detail, dq_u, dk_u = ctx.saved_tensors
     q_dtype, k_dtype, scale_dtype, bias_dtype = ctx.dtypes
     factor = grad_loss * scale
-    return (dq_u * factor).to(q_dtype), (dk_u * factor).to(k_dtype), \
-        (grad_loss * detail[3]).to(scale_dtype), (grad_loss * detail[2]).to(bias_dtype), \
-        None, None, None, None, None, None, None, None, None, None, None
+    return ((dq_u * factor).to(q_dtype), (dk_u * factor).to(k_dtype),
+            (grad_loss * detail[3]).to(scale_dtype), (grad_loss * detail[2]).to(bias_dtype),
+            *none)
 
 
 sigmoid_pairs.register_autograd(_pairs_backward, setup_context=_pairs_setup_context)

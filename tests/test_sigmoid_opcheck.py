@@ -104,3 +104,35 @@ def test_work_is_three_units_with_gradients_and_one_without(backend, teacher, b,
     with FlopCounterMode(display=False) as counter:  # grad mode on, but nothing requires grad
         sigmoid_loss(**inputs, **kwargs, backend=backend)
     assert counter.get_total_flops() == (2 if teacher else 1) * unit, counter.get_flop_counts()
+
+
+# ---- memory: the backward allocates the two gradients and nothing of their size besides -----
+class _AllocatedBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes of every tensor an aten op returns (an upper bound of what it allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and func._schema.name not in (
+                    "aten::detach", "aten::view", "aten::alias", "aten::_unsafe_view",
+                    "aten::t", "aten::reshape", "aten::expand", "aten::as_strided"):
+                self.total += t.numel() * t.element_size()
+        return out
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_backward_allocates_only_the_two_gradients(teacher):
+    """The backward scales the gradients formed in the forward: its allocations are the two
+    [B, d] gradients (plus scalars). Materialising the zero gradients of the op's unused
+    outputs (dq_u, dk_u) would add two more [B, d] buffers (the 1 GiB goal at B = 65536)."""
+    inputs, kwargs = _inputs(512, 64, teacher=teacher)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    loss = sigmoid_loss(**leaves, **kwargs, backend="cpu")
+    with _AllocatedBytes() as counted:
+        loss.backward()
+    two_gradients = 2 * 512 * 64 * 4
+    assert two_gradients <= counted.total < two_gradients + 1024, counted.total
