@@ -1,8 +1,9 @@
 """contrastive_loss: CLIP's symmetric InfoNCE (+ CaRot's self-distillation) without B x B logits.
 
 How the work is split (docs/design.md has the derivation and the kernel contract):
-- `ContrastiveInputs.validate` checks every argument ONCE, at the Python boundary, and returns a
-  frozen, typed object; nothing below it validates user input again.
+- `ContrastiveInputs.validate` checks every argument ONCE, at the Python boundary (through the
+  checks calrft_kernels/pairs.py shares with the sigmoid family), and returns a frozen, typed
+  object; nothing below it validates user input again.
 - `contrastive_terms` is the one composition: it turns validated inputs into the two terms
   (MCL and SD) from the statistics op plus O(B d) PyTorch (targets, labels, smoothing, the
   linear target terms, the process group). contrastive_loss, ClipLoss and CaRotLoss all call it.
@@ -34,8 +35,6 @@ from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_p
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",
            "check_weight", "global_batch", "with_rows", "kernel_dtype"]
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +223,8 @@ def global_batch(inputs: ContrastiveInputs) -> GlobalBatch:
     rank, _ = world(group)
     teacher = inputs.teacher
     if teacher is not None:
-        teacher = Teacher(gather_no_grad(teacher.image, group), gather_no_grad(teacher.text, group),
-                          teacher.scale)
+        teacher = dataclasses.replace(teacher, image=gather_no_grad(teacher.image, group),
+                                      text=gather_no_grad(teacher.text, group))
     labels = None if inputs.labels is None else gather_no_grad(inputs.labels, group)
     return GlobalBatch(gather_with_grad(inputs.image, group), gather_with_grad(inputs.text, group),
                        rank * inputs.image.shape[0], labels, teacher)
