@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts and the GPU-suite sections (one place for each):
 
 - `interleaved`: round-robin wall-clock medians (and minima) of several contenders on CPU;
+- `fwd_bwd`: one forward+backward of a loss as a pytest-benchmark callable;
 - `spectrum_matrix`, `log_spectrum_features`: the synthetic test problems of the spectral
   benchmarks (a symmetric matrix with a log-spaced spectrum; features whose covariance has one);
 - `DTYPE_NAMES`, `torch_dtype`: the short dtype names every table uses;
@@ -41,6 +42,18 @@ def interleaved(fns: dict, repeats: int) -> dict:
             times[k].append((time.perf_counter() - t) * 1e3)
     interleaved.minimum = {k: min(v) for k, v in times.items()}
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fwd_bwd(loss_fn, leaves):
+    """A callable for pytest-benchmark: clear the leaves' gradients, run loss_fn() and its
+    backward, return the loss (detached)."""
+    def run():
+        for x in leaves:
+            x.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+    return run
 
 
 def spectrum_matrix(d: int, kappa: float, seed: int = 0):

@@ -121,7 +121,8 @@ def main(argv=None):
     ap.add_argument("--big-reps", type=int, default=3,
                     help="round-robin rounds for B > 8192 (0: the single memory run only)")
     ap.add_argument("--limit-gib", type=float, default=12.0,
-                    help="skip configs whose estimated memory exceeds this (or 80%% of MemAvailable)")
+                    help="skip configs whose estimated memory exceeds this "
+                         "(or 80%% of MemAvailable)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--md", default=None, help="also write the table (and raw JSON) here")
     LossBench.add_child_arguments(ap)

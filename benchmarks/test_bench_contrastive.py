@@ -14,6 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("pytest_benchmark")
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
+from benchmarks._common import fwd_bwd  # noqa: E402
 from calrft_kernels import contrastive_loss  # noqa: E402
 from calrft_kernels.reference import naive_carot_loss  # noqa: E402
 
@@ -38,16 +39,6 @@ def naive_carot(img, txt, scale, teacher, weight=1.0):
     return naive_carot_loss(img, txt, scale, teacher["teacher_image_features"],
                             teacher["teacher_text_features"], teacher["teacher_logit_scale"],
                             weight)
-
-
-def fwd_bwd(loss_fn, leaves):
-    def run():
-        for x in leaves:
-            x.grad = None
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach()
-    return run
 
 
 SIZES = [256, 1024]

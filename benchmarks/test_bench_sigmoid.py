@@ -14,6 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("pytest_benchmark")
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
+from benchmarks._common import fwd_bwd  # noqa: E402
 from calrft_kernels import sigmoid_loss  # noqa: E402
 
 D = 128
@@ -26,16 +27,6 @@ def inputs(B):
                 for _ in range(2))
     return img, txt, torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0,
                                                                          requires_grad=True)
-
-
-def fwd_bwd(loss_fn, leaves):
-    def run():
-        for x in leaves:
-            x.grad = None
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach()
-    return run
 
 
 @pytest.mark.parametrize("B", SIZES)

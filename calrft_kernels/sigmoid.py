@@ -59,8 +59,9 @@ def sigmoid_pairs(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, qlabels: Op
                   tk: Optional[Tensor], tscale: Optional[Tensor], tbias: Optional[Tensor],
                   distill_weight: float, with_grads: bool, backend: str,
                   chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sum over the pairs of S = scale q k^T + bias (and the teacher's T = tscale tq tk^T + tbias)
-    of l_ij + distill_weight SD_ij, and what its gradients need; see docs/design.md.
+    """Sum over the pairs of S = scale q k^T + bias (and the teacher's
+    T = tscale tq tk^T + tbias) of l_ij + distill_weight SD_ij, and what its gradients need; see
+    docs/design.md.
 
     Returns (loss: 0-dim, differentiable; detail [4] = (sum l, sum SD, sum G, sum G X) with
     X = q k^T; dq_u = G k and dk_u = G^T q, or [0, d] without with_grads). Only `loss` is

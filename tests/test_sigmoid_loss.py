@@ -284,12 +284,16 @@ def _bad_call(**changes):
     return lambda: sigmoid_loss(**args)
 
 
+def _ones(*shape, dtype=torch.float64):
+    return torch.ones(*shape, dtype=dtype)
+
+
 @pytest.mark.parametrize("changes,error,match", [
     ({"image_features": [[1.0]]}, TypeError, "image_features must be a torch.Tensor"),
-    ({"text_features": torch.ones(5, 3, dtype=torch.int64)}, TypeError, "text_features must be float"),
-    ({"text_features": torch.ones(4, 3, dtype=torch.float64)}, ValueError, "text_features has 4 rows"),
-    ({"text_features": torch.ones(5, 2, dtype=torch.float64)}, ValueError, "text_features has width 2"),
-    ({"image_features": torch.ones(5, 3, 1, dtype=torch.float64)}, ValueError, "image_features must be 2-D"),
+    ({"text_features": _ones(5, 3, dtype=torch.int64)}, TypeError, "text_features must be float"),
+    ({"text_features": _ones(4, 3)}, ValueError, "text_features has 4 rows"),
+    ({"text_features": _ones(5, 2)}, ValueError, "text_features has width 2"),
+    ({"image_features": _ones(5, 3, 1)}, ValueError, "image_features must be 2-D"),
     ({"logit_scale": float("nan")}, ValueError, "logit_scale must be finite"),
     ({"logit_bias": torch.tensor(float("inf"))}, ValueError, "logit_bias must be finite"),
     ({"logit_scale": torch.ones(2)}, ValueError, "logit_scale must be a scalar"),

@@ -21,7 +21,8 @@ def _args(backend, teacher, labels, with_grads, dtype=torch.float32, requires_gr
     bias = torch.tensor(-0.5, dtype=dtype).requires_grad_(requires_grad)
     qlab = klab = None
     if labels:
-        qlab, klab = torch.randint(0, 3, (m,), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+        qlab = torch.randint(0, 3, (m,), generator=gen)
+        klab = torch.randint(0, 3, (n,), generator=gen)
     tq = tk = tscale = tbias = None
     if teacher:
         tq, tk = torch.randn(m, 4, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen,
@@ -49,7 +50,8 @@ def test_opcheck_float64():
 
 def _inputs(b=40, d=8, teacher=True, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    unit = lambda: torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)  # noqa: E731
+    def unit():
+        return torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
     inputs = {"image_features": unit(), "text_features": unit(),
               "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-10.0)}
     kwargs = {"labels": torch.randint(0, 5, (b,), generator=gen)}

@@ -30,7 +30,8 @@ namespace {
 
 using cpu::accumulate_product;
 using cpu::ceil_div;
-using cpu::check_matrix;
+using cpu::check_queries_keys;
+using cpu::check_teacher_matrices;
 using cpu::for_lanes;
 using cpu::kMaxPanelRows;
 using cpu::kTileCols;
@@ -65,15 +66,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& bias, const std::optional<at::Tensor>& tq,
                      const std::optional<at::Tensor>& tk,
                      const std::optional<at::Tensor>& tscale, bool with_cols) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "q must be float32 or float64 (the Python layer upcasts half types), got ",
-              q.scalar_type());
-  check_matrix(q, "q", q);
-  check_matrix(k, "k", q);
-  TORCH_CHECK(k.size(1) == q.size(1), "k must have q's feature dim ", q.size(1), ", got ",
-              k.size(1));
-  TORCH_CHECK(q.size(0) > 0 && k.size(0) > 0, "q and k need at least one row, got ", q.size(0),
-              " and ", k.size(0));
+  check_queries_keys(q, k);
   TORCH_CHECK(tq.has_value() == tk.has_value(), "tq and tk must be given together");
   Problem p;
   p.q = q;
@@ -86,12 +79,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.d = q.size(1);
   if (tq.has_value()) {
     TORCH_CHECK(tscale.has_value(), "tscale is required with tq and tk");
-    check_matrix(*tq, "tq", q);
-    check_matrix(*tk, "tk", q);
-    TORCH_CHECK(tq->size(0) == p.M, "tq must have q's row count ", p.M, ", got ", tq->size(0));
-    TORCH_CHECK(tk->size(0) == p.N, "tk must have k's row count ", p.N, ", got ", tk->size(0));
-    TORCH_CHECK(tk->size(1) == tq->size(1), "tk must have tq's feature dim ", tq->size(1),
-                ", got ", tk->size(1));
+    check_teacher_matrices(*tq, *tk, q, p.M, p.N);
     p.tq = *tq;
     p.tk = *tk;
     p.tscale = read_scalar(*tscale, "tscale");

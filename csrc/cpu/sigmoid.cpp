@@ -24,7 +24,8 @@ namespace calrft {
 namespace {
 
 using cpu::accumulate_product;
-using cpu::check_matrix;
+using cpu::check_queries_keys;
+using cpu::check_teacher_matrices;
 using cpu::exp_log1p_neg_abs;
 using cpu::kMaxPanelRows;
 using cpu::kTileCols;
@@ -65,15 +66,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& tscale,
                      const std::optional<at::Tensor>& tbias, double distill_weight,
                      bool with_grads, int64_t panel_rows) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "q must be float32 or float64 (the Python layer upcasts half types), got ",
-              q.scalar_type());
-  check_matrix(q, "q", q);
-  check_matrix(k, "k", q);
-  TORCH_CHECK(k.size(1) == q.size(1), "k must have q's feature dim ", q.size(1), ", got ",
-              k.size(1));
-  TORCH_CHECK(q.size(0) > 0 && k.size(0) > 0, "q and k need at least one row, got ", q.size(0),
-              " and ", k.size(0));
+  check_queries_keys(q, k);
   TORCH_CHECK(qlabels.has_value() == klabels.has_value(), "qlabels and klabels go together");
   TORCH_CHECK(tq.has_value() == tk.has_value() && tq.has_value() == tscale.has_value(),
               "tq, tk and tscale go together");
@@ -95,12 +88,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.klab = checked_labels(*klabels, "klabels", p.N);
   }
   if (tq.has_value()) {
-    check_matrix(*tq, "tq", q);
-    check_matrix(*tk, "tk", q);
-    TORCH_CHECK(tq->size(0) == p.M, "tq must have q's row count ", p.M, ", got ", tq->size(0));
-    TORCH_CHECK(tk->size(0) == p.N, "tk must have k's row count ", p.N, ", got ", tk->size(0));
-    TORCH_CHECK(tk->size(1) == tq->size(1), "tk must have tq's feature dim ", tq->size(1),
-                ", got ", tk->size(1));
+    check_teacher_matrices(*tq, *tk, q, p.M, p.N);
     p.tq = *tq;
     p.tk = *tk;
     p.tscale = read_scalar(*tscale, "tscale");
@@ -183,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p) {
   const auto opts = p.q.options();
   at::Tensor dq = kGrads ? at::zeros({p.M, p.d}, opts) : at::empty({0, p.d}, opts);
   at::Tensor dk = kGrads ? at::zeros({p.N, p.d}, opts) : at::empty({0, p.d}, opts);
-  const Schedule plan = plan_schedule(p.M, p.N, usable_threads(p.macs_per_product() * (kGrads ? 3 : 1)),
-                                      p.panel_rows);
+  const int64_t macs = p.macs_per_product() * (kGrads ? 3 : 1);
+  const Schedule plan = plan_schedule(p.M, p.N, usable_threads(macs), p.panel_rows);
   std::vector<std::array<double, kSums>> part_sums(plan.parts, std::array<double, kSums>{});
 
   run_schedule(plan, p.N, [&](int64_t part, int64_t first, int64_t last, int64_t c0, int64_t c1) {
@@ -253,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_loss_forward_cpu(
 // Test hook: the kernel's (exp(-|x|), log(1 + exp(-|x|))) (vector lanes for the bulk, scalar
 // tail), so the tests can measure its error against float64 directly.
 std::tuple<at::Tensor, at::Tensor> sigmoid_log1p_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+  TORCH_CHECK(x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "x must be a float32 or float64 CPU tensor");
   at::Tensor in = x.contiguous();
   at::Tensor e_out = at::empty_like(in), l_out = at::empty_like(in);

@@ -41,6 +41,31 @@ inline void check_matrix(const at::Tensor& t, const char* name, const at::Tensor
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// q [M, d] and k [N, d]: contiguous CPU float32/float64 matrices of one dtype and width, with at
+// least one row each.
+inline void check_queries_keys(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "q must be float32 or float64 (the Python layer upcasts half types), got ",
+              q.scalar_type());
+  check_matrix(q, "q", q);
+  check_matrix(k, "k", q);
+  TORCH_CHECK(k.size(1) == q.size(1), "k must have q's feature dim ", q.size(1), ", got ",
+              k.size(1));
+  TORCH_CHECK(q.size(0) > 0 && k.size(0) > 0, "q and k need at least one row, got ", q.size(0),
+              " and ", k.size(0));
+}
+
+// The teacher's tq [M, dt] and tk [N, dt], with q's dtype.
+inline void check_teacher_matrices(const at::Tensor& tq, const at::Tensor& tk, const at::Tensor& q,
+                                   int64_t M, int64_t N) {
+  check_matrix(tq, "tq", q);
+  check_matrix(tk, "tk", q);
+  TORCH_CHECK(tq.size(0) == M, "tq must have q's row count ", M, ", got ", tq.size(0));
+  TORCH_CHECK(tk.size(0) == N, "tk must have k's row count ", N, ", got ", tk.size(0));
+  TORCH_CHECK(tk.size(1) == tq.size(1), "tk must have tq's feature dim ", tq.size(1), ", got ",
+              tk.size(1));
+}
+
 // ----------------------------------------------------------------------------------------------
 // Work split: row panels, as many as needed to give every thread the same number of panels.
 
