@@ -1,7 +1,8 @@
 """calrft-kernels: fused kernels for calibrated robust fine-tuning (CaRot) of CLIP models.
 
 The public API of docs/api.md; every op takes CPU or CUDA tensors and picks its backend by
-dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU).
+dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU; the
+sigmoid loss has no CUDA kernel yet and says so).
 `device_checks(False)` scopes off the argument checks that would synchronise with a GPU."""
 from ._backend import device_checks  # first: it loads torch, then the native extension
 from .contrastive import contrastive_loss
@@ -11,7 +12,7 @@ from .covariance import CovarianceAccumulator, batch_covariance
 from .eigen import covariance_sigma_min, smallest_eigenvalue, smallest_singular_value
 from .orthogonality import orthogonality_loss
 
-__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss", "batch_covariance",
-           "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
+__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss",
+           "batch_covariance", "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
            "smallest_singular_value", "orthogonality_loss", "device_checks"]
 __version__ = "0.1.0"
