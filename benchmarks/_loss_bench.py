@@ -18,6 +18,7 @@ the same script serves as the child process:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -97,8 +98,8 @@ class LossBench:
     @staticmethod
     def add_child_arguments(ap) -> None:
         ap.add_argument("--child", nargs=4, metavar=("METHOD", "B", "D", "REPS"),
-                        help=__import__("argparse").SUPPRESS)
-        ap.add_argument("--child-times", nargs="+", help=__import__("argparse").SUPPRESS)
+                        help=argparse.SUPPRESS)
+        ap.add_argument("--child-times", nargs="+", help=argparse.SUPPRESS)
 
     # ---- parent side ------------------------------------------------------------------------
     def _run(self, args, timeout):

@@ -7,7 +7,8 @@
 //   - the thread's own column accumulators (online max + sum of exp per column), merged across
 //     threads at the end: no shared writes, no atomics, no assumed max.
 // The backward recomputes each tile once, turns it into dS in place and emits dq += dS k_tile and
-// dk += dS^T q_panel (a schedule gives every dk block one writer at a time, see Schedule):
+// dk += dS^T q_panel (cpu/tiles.h: for_each_tile on a schedule that gives every dk block one
+// writer at a time):
 // 1 + 3 products (4 units), 2 + 4 with a teacher tile.
 //
 // The bias is a constant shift of every logit, so the tiles hold scale q k^T only and the bias
@@ -28,10 +29,10 @@
 namespace calrft {
 namespace {
 
-using cpu::accumulate_product;
 using cpu::ceil_div;
 using cpu::check_queries_keys;
 using cpu::check_teacher_matrices;
+using cpu::for_each_tile;
 using cpu::for_lanes;
 using cpu::kMaxPanelRows;
 using cpu::kTileCols;
@@ -39,7 +40,6 @@ using cpu::Panels;
 using cpu::plan_panels;
 using cpu::plan_schedule;
 using cpu::read_scalar;
-using cpu::run_schedule;
 using cpu::Schedule;
 using cpu::tile_product;
 using cpu::tile_view;
@@ -420,40 +420,20 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const at::Ten
   const GradTerms<T> all_cols = kCols ? grad_terms<T>(grad_col, col_shift, p.N) : GradTerms<T>{};
   const Schedule plan = plan_schedule(p.M, p.N, usable_threads(p.macs_per_product() * 3));
 
-  // Row group t (panels [first, last)) against the columns [c0, c1), see cpu/tiles.h.
-  run_schedule(plan, p.N, [&](int64_t, int64_t first, int64_t last, int64_t c0, int64_t c1) {
-    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
-    at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
-    at::Tensor t_tile = kTeacher ? at::empty({kMaxPanelRows * kTileCols}, opts) : at::Tensor();
-    for (int64_t panel = first; panel < last; ++panel) {
-      const int64_t i0 = plan.panels.begin(panel), bm = plan.panels.size(panel);
-      at::Tensor q_panel = p.q.narrow(0, i0, bm);
-      at::Tensor tq_panel = kTeacher ? p.tq.narrow(0, i0, bm) : at::Tensor();
-      at::Tensor dq_panel = dq.narrow(0, i0, bm);
-      GradTerms<T> rows{all_rows.g0 + i0, all_rows.shift + i0,
-                        kTeacher ? all_rows.g2 + i0 : nullptr,
-                        kTeacher ? all_rows.tshift + i0 : nullptr};
-      for (int64_t j0 = c0; j0 < c1; j0 += kTileCols) {
-        const int64_t bn = std::min(kTileCols, c1 - j0);
-        at::Tensor k_tile = p.k.narrow(0, j0, bn);
-        at::Tensor s = tile_view(s_tile, bm, bn);
-        tile_product(s, q_panel, k_tile, p.scale);
-        T* t_ptr = nullptr;
-        if constexpr (kTeacher) {
-          at::Tensor t = tile_view(t_tile, bm, bn);
-          tile_product(t, tq_panel, p.tk.narrow(0, j0, bn), p.tscale);
-          t_ptr = t.data_ptr<T>();
-        }
-        GradTerms<T> cols{};
-        if (kCols)
-          cols = {all_cols.g0 + j0, all_cols.shift + j0, kTeacher ? all_cols.g2 + j0 : nullptr,
-                  kTeacher ? all_cols.tshift + j0 : nullptr};
-        tile_grad<T, kTeacher, kCols>(s.data_ptr<T>(), t_ptr, bm, bn, rows, cols);
-        accumulate_product(dq_panel, s, k_tile);                     // dq += dS k_tile
-        accumulate_product(dk.narrow(0, j0, bn), s.t(), q_panel);    // dk += dS^T q_panel
-      }
-    }
-  });
+  // Each tile turned into dS in place; cpu/tiles.h adds dS k_tile to dq and dS^T q_panel to dk.
+  for_each_tile<T>(plan, p.q, p.k, p.scale, p.tq, p.tk, p.tscale, &dq, &dk,
+                   [&](int64_t, T* s, const T* t, int64_t i0, int64_t bm, int64_t j0,
+                       int64_t bn) {
+                     GradTerms<T> rows{all_rows.g0 + i0, all_rows.shift + i0,
+                                       kTeacher ? all_rows.g2 + i0 : nullptr,
+                                       kTeacher ? all_rows.tshift + i0 : nullptr};
+                     GradTerms<T> cols{};
+                     if (kCols)
+                       cols = {all_cols.g0 + j0, all_cols.shift + j0,
+                               kTeacher ? all_cols.g2 + j0 : nullptr,
+                               kTeacher ? all_cols.tshift + j0 : nullptr};
+                     tile_grad<T, kTeacher, kCols>(s, t, bm, bn, rows, cols);
+                   });
   return {dq, dk};
 }
 

@@ -23,19 +23,16 @@
 namespace calrft {
 namespace {
 
-using cpu::accumulate_product;
 using cpu::check_queries_keys;
 using cpu::check_teacher_matrices;
 using cpu::exp_log1p_neg_abs;
+using cpu::for_each_tile;
 using cpu::kMaxPanelRows;
 using cpu::kTileCols;
 using cpu::plan_schedule;
 using cpu::read_scalar;
 using cpu::row_sums;
-using cpu::run_schedule;
 using cpu::Schedule;
-using cpu::tile_product;
-using cpu::tile_view;
 using cpu::usable_threads;
 
 // Index of each reduced sum in a part's accumulator (and in the returned `parts`, after [0]).
@@ -124,8 +121,9 @@ void positives_row(const Problem& p, int64_t i, int64_t j0, int64_t bn, T* pos) 
 // any finite S. With kGrads G overwrites x.
 template <typename T, bool kTeacher, bool kGrads>
 void pair_tile(const Problem& p, T* x, const T* t, int64_t i0, int64_t bm, int64_t j0,
-               int64_t bn, T* pos, double* sums) {
+               int64_t bn, double* sums) {
   const T bias = T(p.bias), tbias = T(p.tbias), weight = T(p.weight);
+  T pos[kTileCols];
   for (int64_t i = 0; i < bm; ++i) {
     T* xi = x + i * bn;
     const T* ti = kTeacher ? t + i * bn : nullptr;
@@ -175,36 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem& p) {
   const Schedule plan = plan_schedule(p.M, p.N, usable_threads(macs), p.panel_rows);
   std::vector<std::array<double, kSums>> part_sums(plan.parts, std::array<double, kSums>{});
 
-  run_schedule(plan, p.N, [&](int64_t part, int64_t first, int64_t last, int64_t c0, int64_t c1) {
-    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
-    at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, opts);
-    at::Tensor t_tile = kTeacher ? at::empty({kMaxPanelRows * kTileCols}, opts) : at::Tensor();
-    std::vector<T> pos(kTileCols);
-    double* sums = part_sums[part].data();
-    for (int64_t panel = first; panel < last; ++panel) {
-      const int64_t i0 = plan.panels.begin(panel), bm = plan.panels.size(panel);
-      at::Tensor q_panel = p.q.narrow(0, i0, bm);
-      at::Tensor tq_panel = kTeacher ? p.tq.narrow(0, i0, bm) : at::Tensor();
-      for (int64_t j0 = c0; j0 < c1; j0 += kTileCols) {
-        const int64_t bn = std::min(kTileCols, c1 - j0);
-        at::Tensor k_tile = p.k.narrow(0, j0, bn);
-        at::Tensor s = tile_view(s_tile, bm, bn);
-        tile_product(s, q_panel, k_tile, p.scale);
-        T* t_ptr = nullptr;
-        if constexpr (kTeacher) {
-          at::Tensor t = tile_view(t_tile, bm, bn);
-          tile_product(t, tq_panel, p.tk.narrow(0, j0, bn), p.tscale);
-          t_ptr = t.data_ptr<T>();
-        }
-        pair_tile<T, kTeacher, kGrads>(p, s.data_ptr<T>(), t_ptr, i0, bm, j0, bn, pos.data(),
-                                       sums);
-        if constexpr (kGrads) {
-          accumulate_product(dq.narrow(0, i0, bm), s, k_tile);        // dq += G k_tile
-          accumulate_product(dk.narrow(0, j0, bn), s.t(), q_panel);   // dk += G^T q_panel
-        }
-      }
-    }
-  });
+  for_each_tile<T>(plan, p.q, p.k, p.scale, p.tq, p.tk, p.tscale, kGrads ? &dq : nullptr,
+                   kGrads ? &dk : nullptr,
+                   [&](int64_t part, T* s, const T* t, int64_t i0, int64_t bm, int64_t j0,
+                       int64_t bn) {
+                     pair_tile<T, kTeacher, kGrads>(p, s, t, i0, bm, j0, bn,
+                                                    part_sums[part].data());
+                   });
 
   std::array<double, kSums> total{};
   for (const auto& s : part_sums)

@@ -31,13 +31,12 @@ inline double read_scalar(const at::Tensor& t, const char* name) {
   return t.item<double>();
 }
 
-// A contiguous 2-D CPU matrix with the dtype of `like` (named `like_name` in the message).
-inline void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like,
-                         const char* like_name = "q") {
+// A contiguous 2-D CPU matrix with the dtype of `like` (q).
+inline void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
-              like.scalar_type(), " (the dtype of ", like_name, "), got ", t.scalar_type());
+              like.scalar_type(), " (the dtype of q), got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -144,6 +143,47 @@ void run_schedule(const Schedule& plan, int64_t N, Part&& part) {
       }
     });
   }
+}
+
+// The tile walk of the kernels that turn each tile into a gradient (contrastive backward, sigmoid
+// forward): runs `plan`; for every tile of rows [i0, i0 + bm) and columns [j0, j0 + bn) it
+// computes s = scale q k^T (and t = tscale tq tk^T when tq is defined; t is null otherwise) into
+// the thread's scratch, calls tile_fn(part, s, t, i0, bm, j0, bn), which may overwrite s with
+// dS, and then, when dq is given, adds dq[i0:] += dS k_tile and dk[j0:] += dS^T q_panel: 1 (+1)
+// products per tile, 3 (+1) with the gradients. Scratch: one or two 256 x 256 tiles per part.
+template <typename T, typename TileFn>
+void for_each_tile(const Schedule& plan, const at::Tensor& q, const at::Tensor& k, double scale,
+                   const at::Tensor& tq, const at::Tensor& tk, double tscale, at::Tensor* dq,
+                   at::Tensor* dk, TileFn&& tile_fn) {
+  const bool teacher = tq.defined();
+  run_schedule(plan, k.size(0), [&](int64_t part, int64_t first, int64_t last, int64_t c0,
+                                    int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // dispatch state is per thread
+    at::Tensor s_tile = at::empty({kMaxPanelRows * kTileCols}, q.options());
+    at::Tensor t_tile = teacher ? at::empty({kMaxPanelRows * kTileCols}, q.options())
+                                : at::Tensor();
+    for (int64_t panel = first; panel < last; ++panel) {
+      const int64_t i0 = plan.panels.begin(panel), bm = plan.panels.size(panel);
+      at::Tensor q_panel = q.narrow(0, i0, bm);
+      for (int64_t j0 = c0; j0 < c1; j0 += kTileCols) {
+        const int64_t bn = std::min(kTileCols, c1 - j0);
+        at::Tensor k_tile = k.narrow(0, j0, bn);
+        at::Tensor s = tile_view(s_tile, bm, bn);
+        tile_product(s, q_panel, k_tile, scale);
+        T* t_ptr = nullptr;
+        if (teacher) {
+          at::Tensor t = tile_view(t_tile, bm, bn);
+          tile_product(t, tq.narrow(0, i0, bm), tk.narrow(0, j0, bn), tscale);
+          t_ptr = t.data_ptr<T>();
+        }
+        tile_fn(part, s.data_ptr<T>(), static_cast<const T*>(t_ptr), i0, bm, j0, bn);
+        if (dq) {
+          accumulate_product(dq->narrow(0, i0, bm), s, k_tile);      // dq += dS k_tile
+          accumulate_product(dk->narrow(0, j0, bn), s.t(), q_panel); // dk += dS^T q_panel
+        }
+      }
+    }
+  });
 }
 
 }  // namespace calrft::cpu
