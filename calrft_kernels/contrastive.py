@@ -27,8 +27,8 @@ from torch import Tensor
 
 from . import _backend
 from ._checks import compute_dtype
-from .distributed import gather_no_grad, gather_with_grad, world
-from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
+from . import pairs
+from .pairs import (GlobalBatch, Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
                     check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
                     kernel_dtype)
 
@@ -191,17 +191,6 @@ class ContrastiveInputs:
 
 
 @dataclass(frozen=True)
-class GlobalBatch:
-    """What the local rows are compared against: the global image/text rows, where the local
-    rows start (offset), and the global labels and teacher (None when absent)."""
-    image: Tensor
-    text: Tensor
-    offset: int = 0
-    labels: Optional[Tensor] = None
-    teacher: Optional[Teacher] = None
-
-
-@dataclass(frozen=True)
 class ContrastiveTerms:
     """contrastive: MCL (0.5 (CE_rows + CE_cols)); distillation: SD (soft CE of both
     directions) or None without a teacher. Both 0-dim, in the statistics dtype."""
@@ -215,19 +204,11 @@ class ContrastiveTerms:
 
 
 def global_batch(inputs: ContrastiveInputs) -> GlobalBatch:
-    """The batch of the api.md convention: single process, the inputs themselves; with a process
-    group, every rank's rows gathered with autograd (labels and teacher without)."""
-    group = inputs.process_group
-    if group is None:
-        return GlobalBatch(inputs.image, inputs.text, 0, inputs.labels, inputs.teacher)
-    rank, _ = world(group)
-    teacher = inputs.teacher
-    if teacher is not None:
-        teacher = dataclasses.replace(teacher, image=gather_no_grad(teacher.image, group),
-                                      text=gather_no_grad(teacher.text, group))
-    labels = None if inputs.labels is None else gather_no_grad(inputs.labels, group)
-    return GlobalBatch(gather_with_grad(inputs.image, group), gather_with_grad(inputs.text, group),
-                       rank * inputs.image.shape[0], labels, teacher)
+    """The batch of the api.md convention (pairs.global_batch): single process, the inputs
+    themselves; with a process group, every rank's image and text rows gathered with autograd
+    (labels and teacher without)."""
+    return pairs.global_batch(inputs.image, inputs.text, inputs.labels, inputs.teacher,
+                              inputs.process_group)
 
 
 # --------------------------------------------------------------------------------------------

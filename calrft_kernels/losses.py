@@ -83,10 +83,13 @@ class SigLipLoss(nn.Module):
     """open_clip.loss.SigLipLoss with the same constructor, forward and outputs, computed by the
     fused sigmoid kernel (no B x B logits, gradients formed in the forward pass).
 
-    One process only for now: world_size > 1 (open_clip's neighbour exchanges) is refused with
-    a ValueError until the sigmoid family gains process groups. cache_labels is accepted for
-    compatibility (there are no label tensors to cache); dist_impl is checked as open_clip
-    does."""
+    With world_size > 1 every open_clip dist_impl ("bidir", "shift", "reduce", "gather") gives
+    open_clip's numbers: each of them scores this rank's image rows against every rank's text
+    rows (the gradients flowing back to the text's rank) and divides by the local batch, which
+    is sigmoid_loss(process_group=...) on the default process group: one all_gather of the text
+    features (O(B d)) whatever dist_impl says; dist_impl is kept for compatibility and checked as
+    open_clip does. cache_labels is accepted for compatibility (there are no label tensors to
+    cache)."""
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto"):
@@ -95,10 +98,6 @@ class SigLipLoss(nn.Module):
         if dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got "
                              f"{dist_impl!r}")
-        if world_size > 1:
-            raise ValueError(f"SigLipLoss(world_size={world_size}) is not supported yet: the "
-                             f"fused sigmoid loss runs on one process until it gains process "
-                             f"groups; use world_size=1, or open_clip's SigLipLoss for now")
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
@@ -107,8 +106,9 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
+        group = dist.group.WORLD if self.world_size > 1 else None
         inputs = SigmoidInputs.validate(image_features, text_features, logit_scale, logit_bias,
-                                        backend=self.backend)
+                                        process_group=group, backend=self.backend)
         loss = sigmoid_terms(inputs).total.to(inputs.image.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -1,6 +1,6 @@
 """Seams shared by the pair-loss families (the softmax contrastive loss, contrastive.py, and the
-sigmoid loss, sigmoid.py): the dtype policy, the argument checks of their common arguments, and
-the typed teacher. Each family validates its arguments here, once, at the Python boundary; every
+sigmoid loss, sigmoid.py): the dtype policy, the argument checks of their common arguments, the
+typed teacher and the process-group gather (`global_batch`). Each family validates its arguments here, once, at the Python boundary; every
 check raises TypeError / ValueError naming the argument.
 
 Tensor scalars (logit_scale, logit_bias, teacher_logit_scale, teacher_logit_bias) are checked for
@@ -12,6 +12,7 @@ device assert (no graph break).
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -21,8 +22,9 @@ from torch import Tensor
 
 from . import _backend
 from ._checks import FLOAT_DTYPES
+from .distributed import gather_no_grad, gather_with_grad, world
 
-__all__ = ["Teacher", "kernel_dtype", "check_features", "check_feature_pair", "check_scalar",
+__all__ = ["Teacher", "GlobalBatch", "global_batch", "kernel_dtype", "check_features", "check_feature_pair", "check_scalar",
            "check_tensor_scalars_finite", "check_labels", "check_weight", "check_chunk_rows",
            "check_teacher", "as_scalar_tensor"]
 
@@ -191,3 +193,42 @@ def as_scalar_tensor(value, dtype, device) -> Tensor:
     if isinstance(value, Tensor):
         return value.to(dtype)
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups: what the local rows are compared against
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GlobalBatch:
+    """What the local rows are compared against: the image/text rows of the global batch, where
+    the local rows start in it (offset), and the global labels and teacher (None when absent).
+    Built by `global_batch`; with gather_image=False the image side (image, teacher.image) holds
+    the local rows only."""
+    image: Tensor
+    text: Tensor
+    offset: int = 0
+    labels: Optional[Tensor] = None
+    teacher: Optional[Teacher] = None
+
+
+def global_batch(image: Tensor, text: Tensor, labels: Optional[Tensor],
+                 teacher: Optional[Teacher], process_group, *,
+                 gather_image: bool = True) -> GlobalBatch:
+    """The batch of the api.md convention for both families. Single process (process_group None):
+    the inputs themselves. With a process group (every rank passes the same number of local
+    rows): every rank's text rows, and image rows when gather_image, gathered with autograd
+    (gather_with_grad: the backward sums every rank's gradient of its rows); labels and the
+    teacher's features gathered without. The softmax family gathers both sides (its columns
+    direction needs every image row); the sigmoid family only the text side (each rank scores its
+    own image rows against every text row): one O(B d) gather, never anything B x B."""
+    if process_group is None:
+        return GlobalBatch(image, text, 0, labels, teacher)
+    rank, _ = world(process_group)
+    if teacher is not None:
+        timage = gather_no_grad(teacher.image, process_group) if gather_image else teacher.image
+        teacher = dataclasses.replace(teacher, image=timage,
+                                      text=gather_no_grad(teacher.text, process_group))
+    labels = None if labels is None else gather_no_grad(labels, process_group)
+    image_all = gather_with_grad(image, process_group) if gather_image else image
+    return GlobalBatch(image_all, gather_with_grad(text, process_group), rank * image.shape[0],
+                       labels, teacher)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend
 from ._checks import compute_dtype
-from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
+from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, global_batch, check_feature_pair, check_labels,
                     check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
                     kernel_dtype)
 
@@ -130,7 +130,8 @@ class SigmoidInputs:
     """Validated arguments of sigmoid_loss (build with `SigmoidInputs.validate`).
 
     teacher is None exactly when there is no distillation term (distill_weight == 0); backend
-    is concrete (never "auto"); chunk_rows is 0 for "the kernel's default"."""
+    is concrete (never "auto"); chunk_rows is 0 for "the kernel's default"; process_group None
+    for one process."""
     image: Tensor
     text: Tensor
     scale: Union[Tensor, float]
@@ -140,12 +141,13 @@ class SigmoidInputs:
     distill_weight: float
     backend: str
     chunk_rows: int = 0
+    process_group: Any = None
 
     @classmethod
     def validate(cls, image_features, text_features, logit_scale, logit_bias=None, *,
                  labels=None, teacher_image_features=None, teacher_text_features=None,
                  teacher_logit_scale=None, teacher_logit_bias=None, distill_weight=0.0,
-                 backend="auto", chunk_rows=None) -> "SigmoidInputs":
+                 process_group=None, backend="auto", chunk_rows=None) -> "SigmoidInputs":
         """Check every argument of sigmoid_loss (api.md); raise TypeError / ValueError naming
         the argument. The teacher is used iff distill_weight > 0."""
         image, text = check_feature_pair(image_features, text_features)
@@ -166,13 +168,15 @@ class SigmoidInputs:
         backend = _backend.resolve(backend, image.device, "sigmoid_loss", auto_cuda=None,
                                    kernels=KERNELS)
         return cls(image, text, scale, bias, labels, teacher, distill_weight, backend,
-                   chunk_rows)
+                   chunk_rows, process_group)
 
 
 @dataclass(frozen=True)
 class SigmoidTerms:
     """total: the loss, (sum l + distill_weight sum SD) / B, differentiable. contrastive: the
-    sigmoid term (1/B) sum l; distillation: (1/B) sum SD, or None without a teacher. The two
+    sigmoid term (1/B) sum l; distillation: (1/B) sum SD, or None without a teacher. With a
+    process group the sums run over this rank's rows and every column, B is the local batch
+    (open_clip's normalisation: the ranks' mean is the global batch's loss). The two
     terms are values for reporting: they carry no gradient (the kernel forms the gradient of
     the total only). All 0-dim, in the accumulation dtype."""
     total: Tensor
@@ -190,26 +194,31 @@ def _needs_grads(*values) -> bool:
 
 def sigmoid_terms(inputs: SigmoidInputs) -> SigmoidTerms:
     """The loss and its terms for validated inputs: one call of calrft::sigmoid_pairs, which forms
-    the gradients in the same pass only when an input requires grad."""
-    image, text, backend = inputs.image, inputs.text, inputs.backend
+    the gradients in the same pass only when an input requires grad. With a process group the
+    local image rows meet every rank's text rows (pairs.global_batch gathers the text side only:
+    the loss has no column direction), the positives at the local rows' offset."""
+    image, backend = inputs.image, inputs.backend
+    batch = global_batch(image, inputs.text, inputs.labels, inputs.teacher, inputs.process_group,
+                         gather_image=False)
     kdtype = kernel_dtype(image.dtype, backend, image.device)
     sdtype = compute_dtype(kdtype)
     device = image.device
     scale = as_scalar_tensor(inputs.scale, sdtype, device)
     bias = as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
     cast = lambda x: x.to(kdtype).contiguous()  # noqa: E731
-    teacher = inputs.teacher
+    teacher = batch.teacher
     tq = tk = tscale = tbias = None
     if teacher is not None:
         tq, tk = cast(teacher.image), cast(teacher.text)
         tscale = as_scalar_tensor(teacher.scale, sdtype, device).detach()
         if teacher.bias is not None:
             tbias = as_scalar_tensor(teacher.bias, sdtype, device).detach()
-    labels = None if inputs.labels is None else inputs.labels.to(torch.int64).contiguous()
-    with_grads = _needs_grads(image, text, inputs.scale, inputs.bias)
+    as_labels = lambda x: None if x is None else x.to(torch.int64).contiguous()  # noqa: E731
+    with_grads = _needs_grads(image, batch.text, inputs.scale, inputs.bias)
     pairs = functools.partial(sigmoid_pairs, backend=backend, chunk_rows=inputs.chunk_rows)
-    loss, detail, _, _ = pairs(cast(image), cast(text), scale, bias, labels, labels, 0, tq, tk,
-                               tscale, tbias, inputs.distill_weight, with_grads)
+    loss, detail, _, _ = pairs(cast(image), cast(batch.text), scale, bias,
+                               as_labels(inputs.labels), as_labels(batch.labels), batch.offset,
+                               tq, tk, tscale, tbias, inputs.distill_weight, with_grads)
     n = image.shape[0]
     return SigmoidTerms(loss / n, detail[0] / n, None if teacher is None else detail[1] / n)
 
@@ -218,8 +227,8 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale, log
                  *, labels: Optional[Tensor] = None,
                  teacher_image_features: Optional[Tensor] = None,
                  teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
-                 teacher_logit_bias=None, distill_weight: float = 0.0, backend: str = "auto",
-                 chunk_rows: Optional[int] = None) -> Tensor:
+                 teacher_logit_bias=None, distill_weight: float = 0.0, process_group=None,
+                 backend: str = "auto", chunk_rows: Optional[int] = None) -> Tensor:
     """SigLIP's pairwise sigmoid loss (+ CaRot's self-distillation), fused: nothing B x B is
     allocated (except by backend="reference"), the gradients are formed in the forward pass.
     Semantics: docs/api.md; equal to open_clip.loss.SigLipLoss on one process.
@@ -228,7 +237,10 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale, log
     multiplier (open_clip passes logit_scale.exp()); logit_bias: added to every logit (SigLIP's
     learnable bias); labels: [B] ints, pairs with equal labels are positives (default: i == j);
     teacher_*: the EMA teacher's features, scale and bias, whose sigmoid(T) are the soft targets
-    of the distillation term, used when distill_weight > 0 (never get gradients); backend:
+    of the distillation term, used when distill_weight > 0 (never get gradients);
+    process_group: each rank passes its local rows and gets the loss of those rows against every
+    rank's text rows, divided by its local batch (open_clip's distributed SigLipLoss: the ranks'
+    mean is the global batch's loss, and DDP's gradient averaging gives its gradient); backend:
     "auto" ("cpu" on CPU tensors; CUDA tensors have no kernel yet), "cpu" or "reference";
     chunk_rows: rows per panel of the "cpu" kernel (default and maximum 256).
     Returns a 0-dim tensor in the features' dtype. Double backward is not supported.
@@ -237,5 +249,6 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale, log
         image_features, text_features, logit_scale, logit_bias, labels=labels,
         teacher_image_features=teacher_image_features, teacher_text_features=teacher_text_features,
         teacher_logit_scale=teacher_logit_scale, teacher_logit_bias=teacher_logit_bias,
-        distill_weight=distill_weight, backend=backend, chunk_rows=chunk_rows)
+        distill_weight=distill_weight, process_group=process_group, backend=backend,
+        chunk_rows=chunk_rows)
     return sigmoid_terms(inputs).total.to(inputs.image.dtype)

@@ -1,13 +1,10 @@
 """Two gloo processes on CPU: contrastive_loss(process_group=...) and ClipLoss against the
 single-process loss on the concatenated batch, and against open_clip's own distributed ClipLoss."""
-import os
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _dist_util import spawn_with_retry
 from calrft_kernels import ClipLoss, contrastive_loss
 
 WORLD = 2
@@ -54,21 +51,12 @@ def run_loss(batch, rows, option, backend, group=None):
     return loss.detach(), grads
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        batch = global_batch()
-        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        losses = {(option, backend): run_loss(batch, rows, option, backend, dist.group.WORLD)
-                  for option in OPTIONS for backend in BACKENDS}
-        result = (losses, _clip_loss_modes(batch, rows, rank))
-    except Exception:  # report instead of leaving the parent guessing
-        result = (traceback.format_exc(), None)
-    finally:
-        dist.destroy_process_group()
-    # through a file: tensors sent through a queue die with the process that shared them
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+def _worker(rank, world):
+    batch = global_batch()
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    losses = {(option, backend): run_loss(batch, rows, option, backend, dist.group.WORLD)
+              for option in OPTIONS for backend in BACKENDS}
+    return losses, _clip_loss_modes(batch, rows, rank)
 
 
 def _clip_loss_modes(batch, rows, rank):
@@ -91,38 +79,10 @@ def _clip_loss_modes(batch, rows, rank):
     return out
 
 
-def spawn(tmp_path):
-    ctx = mp.get_context("spawn")
-    init_file = os.path.join(tmp_path, "dist_init")
-    procs = [ctx.Process(target=_worker, args=(r, init_file, tmp_path))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    codes = [p.exitcode for p in procs]
-    missing = [r for r in range(WORLD) if not os.path.exists(os.path.join(tmp_path, f"rank{r}.pt"))]
-    if codes != [0] * WORLD or missing:
-        return f"exit codes {codes}, no result from ranks {missing}"
-    results = {r: torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False)
-               for r in range(WORLD)}
-    for rank, (first, *_) in results.items():
-        assert not isinstance(first, str), f"rank {rank} failed:\n{first}"
-    return results
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    """One pair of processes computes every case below (spawning costs more than the cases).
-    A pair whose processes die before reporting (gloo's rendezvous has been seen to drop a
-    connection once on this loaded 2-core machine) is started once more; errors raised inside a
-    rank are never retried, and a second crash fails the tests with both reasons."""
-    first = spawn(str(tmp_path_factory.mktemp("dist")))
-    if not isinstance(first, str):
-        return first
-    second = spawn(str(tmp_path_factory.mktemp("dist_retry")))
-    assert not isinstance(second, str), f"two gloo pairs crashed: {first}; then {second}"
-    return second
+    """One pair of processes computes every case below (spawning costs more than the cases)."""
+    return spawn_with_retry(tmp_path_factory, _worker, WORLD)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
