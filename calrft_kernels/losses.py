@@ -113,38 +113,53 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
+FAMILIES = ("softmax", "sigmoid")  # CaRotLoss's contrastive term: CLIP's InfoNCE or SigLIP's
+
+
 class CaRotLoss(nn.Module):
     """The per-step CaRot objective (objective.md):
 
         L = MCL + cross_weight ||W_v W_t^T||_F + orth_weight ||W_v^T W_v - I||_F
               + distill_weight SD - sigma_min_weight * sigma_min(Cov(sigma_min_features))
 
-    MCL and SD come from one fused contrastive pass; SD is skipped while no teacher is given
-    (CaRot starts distillation after step 0). The optional last term is a direct regulariser of
-    the smallest singular value of the batch feature covariance (rewarding a larger sigma_min),
-    the route the paper found too heavy without a fused op. output_dict=True returns every term
-    ("contrastive", "distillation", "orthogonality", "cross", "sigma_min", "total")."""
+    family="softmax" (default): MCL and SD are CLIP's symmetric InfoNCE and the soft
+    cross-entropy to the teacher's softmax (contrastive_loss). family="sigmoid", for SigLIP
+    backbones: MCL is SigLIP's pairwise sigmoid loss and SD the pairwise binary cross-entropy to
+    the teacher's sigmoid(T), T with the teacher's own logit bias (sigmoid_loss); the other terms
+    and every weight are the same. MCL and SD come from one fused pass; SD is skipped while no
+    teacher is given (CaRot starts distillation after step 0). The optional last term is a direct
+    regulariser of the smallest singular value of the batch feature covariance (rewarding a
+    larger sigma_min), the route the paper found too heavy without a fused op.
+    output_dict=True returns every term ("contrastive", "distillation", "orthogonality", "cross",
+    "sigma_min", "total"); with the sigmoid family "contrastive" and "distillation" are values
+    for reporting (its kernel forms the gradient of their weighted sum, which "total" carries)."""
 
     def __init__(self, distill_weight: float = 1.5, orth_weight: float = 0.2,
                  cross_weight: float = 0.05, sigma_min_weight: float = 0.0, *,
                  label_smoothing: float = 0.0, sigma_min_eps: float = 1e-6,
-                 process_group=None, backend: str = "auto"):
+                 process_group=None, backend: str = "auto", family: str = "softmax"):
         super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         # NaN / infinite / negative weights are refused here, naming the argument.
         self.distill_weight = check_weight("distill_weight", distill_weight)
         self.orth_weight = check_weight("orth_weight", orth_weight)
         self.cross_weight = check_weight("cross_weight", cross_weight)
         self.sigma_min_weight = check_weight("sigma_min_weight", sigma_min_weight)
         self.label_smoothing = check_weight("label_smoothing", label_smoothing, upper=1.0)
+        if family == "sigmoid" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to the softmax family only: the sigmoid "
+                             "loss has no softmax targets to smooth")
         self.sigma_min_eps = check_weight("sigma_min_eps", sigma_min_eps)
         self.process_group = process_group
         self.backend = backend
+        self.family = family
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, *,
                 visual_proj: Tensor, text_proj: Tensor,
                 teacher_image_features: Optional[Tensor] = None,
                 teacher_text_features: Optional[Tensor] = None, teacher_logit_scale=None,
-                labels: Optional[Tensor] = None, logit_bias=None,
+                labels: Optional[Tensor] = None, logit_bias=None, teacher_logit_bias=None,
                 sigma_min_features: Optional[Tensor] = None, output_dict: bool = False):
         _check_projection("visual_proj", visual_proj)
         _check_projection("text_proj", text_proj)
@@ -154,17 +169,25 @@ class CaRotLoss(nn.Module):
         # The one distillation decision: SD is computed iff its weight is positive and a
         # teacher is given (CaRot starts distillation after step 0).
         distill = self.distill_weight > 0 and teacher_image_features is not None
-        inputs = ContrastiveInputs.validate(
-            image_features, text_features, logit_scale, logit_bias, labels=labels,
-            label_smoothing=self.label_smoothing,
-            teacher_image_features=teacher_image_features,
-            teacher_text_features=teacher_text_features, teacher_logit_scale=teacher_logit_scale,
-            distill_weight=self.distill_weight if distill else 0.0,
-            process_group=self.process_group, backend=self.backend)
-        terms = contrastive_terms(inputs)
-        zero = terms.contrastive.new_zeros(())
-        out = {"contrastive": terms.contrastive,
-               "distillation": zero if terms.distillation is None else terms.distillation,
+        common = dict(labels=labels, teacher_image_features=teacher_image_features,
+                      teacher_text_features=teacher_text_features,
+                      teacher_logit_scale=teacher_logit_scale,
+                      distill_weight=self.distill_weight if distill else 0.0,
+                      process_group=self.process_group, backend=self.backend)
+        if self.family == "sigmoid":
+            terms = sigmoid_terms(SigmoidInputs.validate(
+                image_features, text_features, logit_scale, logit_bias,
+                teacher_logit_bias=teacher_logit_bias, **common))
+            pair_total, mcl, sd = terms.total, terms.contrastive, terms.distillation
+        else:
+            inputs = ContrastiveInputs.validate(image_features, text_features, logit_scale,
+                                                logit_bias, label_smoothing=self.label_smoothing,
+                                                **common)
+            terms = contrastive_terms(inputs)
+            pair_total = terms.total(inputs.distill_weight)
+            mcl, sd = terms.contrastive, terms.distillation
+        zero = mcl.new_zeros(())
+        out = {"contrastive": mcl, "distillation": zero if sd is None else sd,
                "orthogonality": orthogonality_loss(visual_proj).to(zero.dtype),
                # ||W_v W_t^T||_F: a small [vision_width, text_width] product, not a kernel
                "cross": torch.linalg.matrix_norm(visual_proj @ text_proj.T).to(zero.dtype)}
@@ -173,8 +196,7 @@ class CaRotLoss(nn.Module):
             out["sigma_min"] = covariance_sigma_min(feats, eps=self.sigma_min_eps).to(zero.dtype)
         else:
             out["sigma_min"] = zero
-        out["total"] = (out["contrastive"] + self.distill_weight * out["distillation"]
-                        + self.orth_weight * out["orthogonality"]
+        out["total"] = (pair_total + self.orth_weight * out["orthogonality"]
                         + self.cross_weight * out["cross"]
                         - self.sigma_min_weight * out["sigma_min"])
         out = {k: v.to(image_features.dtype) for k, v in out.items()}

@@ -156,3 +156,98 @@ def test_every_backend_gives_the_same_terms(backend):
     ref = CaRotLoss(backend="reference")(**batch, output_dict=True)
     for key, value in ref.items():
         torch.testing.assert_close(out[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+# ---- the sigmoid family (CaRot on a SigLIP backbone) ------------------------------------------
+def sigmoid_batch(b=12, d=8, seed=0, dtype=torch.float64):
+    batch = make_batch(b, d, seed=seed, dtype=dtype)
+    batch.update(logit_bias=torch.tensor(-4.0, dtype=dtype),
+                 teacher_logit_bias=torch.tensor(-3.0, dtype=dtype))
+    return batch
+
+
+def sigmoid_formula(batch, labels=None, distill_weight=1.5, orth_weight=0.2, cross_weight=0.05,
+                    sigma_min_weight=0.0, eps=0.0):
+    """objective.md with SigLIP's loss, written out in plain float64 PyTorch: the pairwise
+    sigmoid loss, the pairwise BCE to sigmoid(T) (T with the teacher's bias), the parameter
+    terms and the sigma_min regulariser."""
+    x, y = batch["image_features"], batch["text_features"]
+    b = x.shape[0]
+    s = batch["logit_scale"] * x @ y.T + batch["logit_bias"]
+    positive = (torch.eye(b, dtype=torch.bool) if labels is None
+                else labels[:, None] == labels[None, :])
+    z = torch.where(positive, 1.0, -1.0).to(s.dtype)
+    mcl = -F.logsigmoid(z * s).sum() / b
+    t = (batch["teacher_logit_scale"] * batch["teacher_image_features"]
+         @ batch["teacher_text_features"].T + batch["teacher_logit_bias"])
+    p = torch.sigmoid(t)
+    sd = -(p * F.logsigmoid(s) + (1 - p) * F.logsigmoid(-s)).sum() / b
+    w_v, w_t = batch["visual_proj"], batch["text_proj"]
+    oc = torch.norm(w_v.T @ w_v - torch.eye(w_v.shape[1], dtype=w_v.dtype))
+    cf = torch.norm(w_v @ w_t.T)
+    sigma = torch.linalg.eigvalsh(torch.cov(x.T).reshape(x.shape[1], -1))[0] + eps
+    terms = {"contrastive": mcl, "distillation": sd, "orthogonality": oc, "cross": cf,
+             "sigma_min": sigma}
+    terms["total"] = (mcl + distill_weight * sd + orth_weight * oc + cross_weight * cf
+                      - sigma_min_weight * sigma)
+    return terms
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("b,d", [(2, 1), (7, 5), (37, 16)])
+def test_sigmoid_family_every_term_against_float64_formula(b, d, backend):
+    batch = sigmoid_batch(b, d, seed=b)
+    labels = torch.arange(b) % 3
+    loss = CaRotLoss(distill_weight=0.7, orth_weight=0.3, cross_weight=0.1, sigma_min_weight=0.5,
+                     sigma_min_eps=1e-4, family="sigmoid", backend=backend)
+    out = loss(**batch, labels=labels, output_dict=True)
+    want = sigmoid_formula(batch, labels, 0.7, 0.3, 0.1, 0.5, 1e-4)
+    for name, value in want.items():
+        tol = 1e-6 if name in ("sigma_min", "total") else 1e-10
+        torch.testing.assert_close(out[name], value, rtol=tol, atol=tol * 1e-3, msg=name)
+
+
+def test_sigmoid_family_gradients_equal_the_formula_and_gradcheck():
+    batch = sigmoid_batch(b=9, d=4)
+    names = ["image_features", "text_features", "logit_scale", "logit_bias", "visual_proj",
+             "text_proj"]
+    leaves = [batch[n].clone().requires_grad_() for n in names]
+    rest = {k: v for k, v in batch.items() if k not in names}
+    loss = CaRotLoss(family="sigmoid")
+
+    def fn(*xs):
+        return loss(**dict(zip(names, xs)), **rest)
+
+    got = torch.autograd.grad(fn(*leaves), leaves)
+    want = torch.autograd.grad(sigmoid_formula({**rest, **dict(zip(names, leaves))})["total"],
+                               leaves)
+    for name, a, w in zip(names, got, want):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_sigmoid_family_without_teacher_and_in_low_precision():
+    batch = sigmoid_batch()
+    for key in ("teacher_image_features", "teacher_text_features", "teacher_logit_scale",
+                "teacher_logit_bias"):
+        batch.pop(key)
+    out = CaRotLoss(family="sigmoid")(**batch, output_dict=True)
+    assert out["distillation"] == 0
+    torch.testing.assert_close(out["total"], out["contrastive"] + 0.2 * out["orthogonality"]
+                               + 0.05 * out["cross"])
+    low = CaRotLoss(family="sigmoid")(**sigmoid_batch(b=16, dtype=torch.bfloat16),
+                                      output_dict=True)
+    assert all(v.dtype == torch.bfloat16 for v in low.values())
+    ref = sigmoid_formula(sigmoid_batch(b=16))["total"]
+    torch.testing.assert_close(low["total"].double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_sigmoid_family_bad_use_is_refused():
+    with pytest.raises(ValueError, match="family must be one of"):
+        CaRotLoss(family="sigmoidal")
+    with pytest.raises(ValueError, match="label_smoothing applies to the softmax family"):
+        CaRotLoss(family="sigmoid", label_smoothing=0.1)
+    batch = sigmoid_batch()
+    batch.pop("teacher_logit_bias")  # the soft targets need the teacher's own bias
+    with pytest.raises(ValueError, match="teacher_logit_bias is required"):
+        CaRotLoss(family="sigmoid")(**batch)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from _dist_util import spawn_with_retry
-from calrft_kernels import SigLipLoss, sigmoid_loss
+from calrft_kernels import CaRotLoss, SigLipLoss, sigmoid_loss
 from calrft_kernels.losses import SIGLIP_DIST_IMPLS
 
 WORLDS = (2, 3)
@@ -75,7 +75,19 @@ def _worker(rank, world):
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     losses = {(option, backend): run_loss(batch, rows, option, backend, dist.group.WORLD)
               for option in OPTIONS for backend in BACKENDS}
-    return losses, _siglip_modes(batch, rows, rank, world)
+    return losses, _siglip_modes(batch, rows, rank, world), carot_terms(batch, rows, dist.group.WORLD)
+
+
+def carot_terms(batch, rows, group=None):
+    """CaRotLoss(family="sigmoid") terms of `rows`, with a teacher (its own bias)."""
+    gen = torch.Generator().manual_seed(7)
+    proj = torch.randn(8, DIM, generator=gen, dtype=torch.float64) / 3
+    loss = CaRotLoss(family="sigmoid", process_group=group)
+    return loss(batch["image"][rows], batch["text"][rows], 7.0, logit_bias=-2.5,
+                visual_proj=proj, text_proj=proj[:5], labels=batch["labels"][rows],
+                teacher_image_features=batch["t_image"][rows],
+                teacher_text_features=batch["t_text"][rows], teacher_logit_scale=5.0,
+                teacher_logit_bias=-1.5, output_dict=True)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
@@ -131,3 +143,13 @@ def test_siglip_loss_matches_open_clip_in_every_dist_impl(ranks, dist_impl):
         for name, a, b in zip(("loss", "image", "text", "scale", "bias"), ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12,
                                        msg=lambda m: f"rank {r}, {dist_impl}, {name}: {m}")
+
+
+def test_carot_sigmoid_family_over_ranks_is_the_global_objective(ranks):
+    """CaRotLoss(family="sigmoid", process_group=...): the ranks' mean of every term is the
+    term of one process over the global batch."""
+    world, results = ranks
+    single = carot_terms(global_batch(world), slice(None))
+    for name, value in single.items():
+        mean = sum(results[r][2][name] for r in range(world)) / world
+        torch.testing.assert_close(mean, value, rtol=1e-10, atol=1e-12, msg=name)
