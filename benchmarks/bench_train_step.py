@@ -141,14 +141,15 @@ def bench_model(embed_dim=64):
 class NaiveCaRot(torch.nn.Module):
     """CaRotLoss's interface over the naive loss (calrft_kernels.reference.naive_carot_loss: B x B
     logits both ways and the teacher's soft targets materialised) plus the same orthogonality and
-    cross terms, so the cached step runs either loss unchanged."""
+    cross terms, so the cached step runs either loss unchanged (the softmax family)."""
+    family = "softmax"
 
     def __init__(self, distill_weight=1.5, orth_weight=0.2, cross_weight=0.05):
         super().__init__()
         self.distill_weight, self.orth_weight, self.cross_weight = distill_weight, orth_weight, cross_weight
 
     def forward(self, img, txt, scale, *, visual_proj, text_proj, teacher_image_features=None,
-                teacher_text_features=None, teacher_logit_scale=None, labels=None, output_dict=False):
+                teacher_text_features=None, teacher_logit_scale=None, labels=None, logit_bias=None, output_dict=False):
         from calrft_kernels.reference import naive_carot_loss
         distill = self.distill_weight if teacher_image_features is not None else 0.0
         if teacher_image_features is None:  # no teacher yet (step 0): contrastive only
@@ -221,7 +222,8 @@ def cached_child(loss_name, batch, micro, reps):
     img, txt = feats[0].requires_grad_(), feats[1].requires_grad_()
     scale = torch.tensor(14.0, requires_grad=True)
     t0 = time.perf_counter()
-    stepper.objective(img, txt, scale, teacher=(feats[2], feats[3], torch.tensor(14.0)),
+    stepper.objective(steps.Features(img, txt, scale),
+                      teacher=steps.Features(feats[2], feats[3], torch.tensor(14.0)),
                       clip=stepper.clip)["total"].backward()
     loss_s = time.perf_counter() - t0
     print(json.dumps({"step_s": step_s, "samples_per_s": batch / step_s, "loss_s": loss_s,

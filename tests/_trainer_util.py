@@ -7,9 +7,10 @@ from calrft.config import TrainConfig
 CLASSES = ["ant", "bee", "cat", "dog"]
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, name=models.TINY):
+    """calrft-tiny, or calrft-tiny-sigmoid (name=models.TINY_SIGMOID: with a logit bias)."""
     torch.manual_seed(seed)
-    model, _, _, tok = models.create(models.TINY)
+    model, _, _, tok = models.create(name)
     return model, tok
 
 

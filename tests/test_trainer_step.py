@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calrft import data, step as steps
+from calrft import data, models, step as steps
 from calrft.config import TrainConfig
 from calrft.train import Trainer
 
@@ -28,13 +28,15 @@ def add_dropout(model, p=0.3):
     return model
 
 
-def make_trainer(tmp_path, method, micro=None, dropout=False, dtype=torch.float64, evals=True, **kw):
-    model, tok = tiny_model()
+def make_trainer(tmp_path, method, micro=None, dropout=False, dtype=torch.float64, evals=True,
+                 model_name=models.TINY, **kw):
+    model, tok = tiny_model(name=model_name)
     model.to(dtype)
     if dropout:
         add_dropout(model)
     train, eval_sets = tiny_data(dtype=dtype)
-    cfg = tiny_config(tmp_path, method=method, micro_batch_size=micro, ema_every=1, **kw)
+    cfg = tiny_config(tmp_path, method=method, micro_batch_size=micro, ema_every=1,
+                      model=model_name, **kw)
     return Trainer(cfg, model=model, tokenizer=tok, train_set=train,
                    eval_sets=eval_sets if evals else None, classnames=CLASSES)
 
@@ -91,12 +93,19 @@ def assert_same_step(ref, got, ref_out, got_out, rel=1e-9):
     assert torch.equal(ref_rng, got_rng)  # the step consumed the random stream as the reference
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_micro_batched_step_equals_the_full_batch_step(tmp_path, method):
+# (method, model): the softmax family on calrft-tiny, the sigmoid family (--loss auto) on
+# calrft-tiny-sigmoid, whose logit bias is a parameter the cached step must also get right
+CASES = [(m, models.TINY) for m in METHODS] + [(m, models.TINY_SIGMOID) for m in ("carot", "flyp")]
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_micro_batched_step_equals_the_full_batch_step(tmp_path, method, model_name):
     """No dropout: the reference is the plain trainer step (one forward over all rows). Two steps,
     so the second distils from the teacher the first EMA update made; micro-batches 3, 3, 2."""
-    ref = make_trainer(tmp_path / "ref", method, steps=2)
-    got = make_trainer(tmp_path / "got", method, micro=3, steps=2)
+    ref = make_trainer(tmp_path / "ref", method, steps=2, model_name=model_name)
+    got = make_trainer(tmp_path / "got", method, micro=3, steps=2, model_name=model_name)
+    if model_name == models.TINY_SIGMOID:
+        assert got.family == "sigmoid" and got.clip.logit_bias.requires_grad
     bs = batches(ref, 2)
     assert len(steps.spans(bs[0]["images"].shape[0], 3)) == 3
     assert_same_step(ref, got, run_steps(ref, bs), run_steps(got, bs))
@@ -144,8 +153,9 @@ def test_grad_checkpointing_gives_the_same_step(tmp_path):
     assert_same_step(ref, got, ref_out, run_steps(got, bs))
 
 
-def test_resume_in_the_middle_of_a_micro_batched_run(tmp_path):
-    kw = dict(micro=3, dropout=True, steps=5, evals=False)
+@pytest.mark.parametrize("model_name", [models.TINY, models.TINY_SIGMOID])
+def test_resume_in_the_middle_of_a_micro_batched_run(tmp_path, model_name):
+    kw = dict(micro=3, dropout=True, steps=5, evals=False, model_name=model_name)
     full = make_trainer(tmp_path / "full", "carot", **kw)
     full.fit()
     part = make_trainer(tmp_path / "part", "carot", stop_after=2, **kw)

@@ -25,6 +25,9 @@ TRAIN_HELP = {
                   "empty for random initialisation",
     "cache_dir": "folder where open_clip caches downloaded weights",
     "method": "carot (CaRot), flyp (contrastive only) or ft (cross-entropy, zero-shot-initialised head)",
+    "loss": "contrastive loss family of carot/flyp: softmax (CLIP's InfoNCE), sigmoid (SigLIP's "
+            "pairwise loss, with the model's logit bias), or auto (sigmoid for models with a logit "
+            "bias, e.g. open_clip's --siglip / init_logit_bias ones)",
     "distill_weight": "CaRot self-distillation (EMA teacher) weight",
     "orth_weight": "CaRot orthogonality constraint weight on the visual projection",
     "cross_weight": "CaRot cross term weight of the orthogonality constraint",

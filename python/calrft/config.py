@@ -17,6 +17,7 @@ class TrainConfig:
     cache_dir: str | None = None
     # objective (defaults: the official CaRot code, see objective.md)
     method: str = "carot"                  # carot | flyp | ft
+    loss: str = "auto"                     # softmax | sigmoid | auto (sigmoid iff the model has a logit bias)
     distill_weight: float = 1.5
     orth_weight: float = 0.2
     cross_weight: float = 0.05
@@ -70,6 +71,9 @@ class TrainConfig:
             setattr(self, f.name, coerce(f, getattr(self, f.name)))
         if self.method not in ("carot", "flyp", "ft"):
             raise ValueError(f"method: expected carot, flyp or ft, got {self.method!r}")
+        from .step import LOSSES
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         _at_least(self, 1, "micro_batch_size", "train_num_samples")
         from .step import PRECISIONS
         if self.precision not in PRECISIONS:

@@ -1,8 +1,11 @@
-"""Model creation: any open_clip architecture, plus the project's tiny one for CPU runs and tests.
+"""Model creation: any open_clip architecture, plus the project's tiny ones for CPU runs and tests.
 
-The tiny architecture is a real open_clip CLIP (ViT image tower with `visual.proj`, transformer
+The tiny architectures are real open_clip CLIPs (ViT image tower with `visual.proj`, transformer
 text tower with `text_projection`), registered through open_clip's model-config registry so that
-`open_clip.create_model("calrft-tiny")` works like any built-in name."""
+`open_clip.create_model("calrft-tiny")` works like any built-in name. calrft-tiny-sigmoid is the
+same towers SigLIP-style: a learnable logit bias (init_logit_bias -10) and logit scale log 10,
+the initialisation open_clip_train's --siglip uses, so the trainer's --loss auto picks the
+sigmoid family for it."""
 from __future__ import annotations
 
 import os
@@ -12,21 +15,22 @@ import open_clip
 import torch
 
 TINY = "calrft-tiny"
+TINY_SIGMOID = "calrft-tiny-sigmoid"  # not "...siglip": open_clip would pick its T5 tokenizer
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 
 
 def register_tiny_architecture() -> None:
-    """Make calrft-tiny known to open_clip (idempotent)."""
-    if TINY not in open_clip.list_models():
+    """Make calrft-tiny and calrft-tiny-sigmoid known to open_clip (idempotent)."""
+    if not {TINY, TINY_SIGMOID} <= set(open_clip.list_models()):
         open_clip.add_model_config(_CONFIG_DIR)
 
 
 register_tiny_architecture()
 
 
-def tiny_config() -> dict:
+def tiny_config(name: str = TINY) -> dict:
     import json
-    return json.loads((_CONFIG_DIR / f"{TINY}.json").read_text())
+    return json.loads((_CONFIG_DIR / f"{name}.json").read_text())
 
 
 def create(model_name: str, pretrained: str | None = None, device="cpu", cache_dir=None):
@@ -67,6 +71,12 @@ def text_projection(model) -> torch.Tensor | None:
     if isinstance(proj, torch.nn.Linear):
         return proj.weight.T
     return proj
+
+
+def logit_bias(model) -> torch.Tensor | None:
+    """The learnable logit bias of a SigLIP-style model (open_clip builds one when the config has
+    init_logit_bias, as open_clip_train's --siglip does), or None."""
+    return getattr(model, "logit_bias", None)
 
 
 def unwrap(model):

@@ -3,4 +3,4 @@ api.md names and nothing here re-implements them). covariance_sigma_min enters t
 (its sigma_min_weight regulariser); evaluation's sigma_min of standardised features is
 smallest_eigenvalue of the correlation matrix built from a CovarianceAccumulator."""
 from calrft_kernels import (CaRotLoss, CovarianceAccumulator, contrastive_loss,  # noqa: F401
-                            device_checks, smallest_eigenvalue)
+                            device_checks, sigmoid_loss, smallest_eigenvalue)

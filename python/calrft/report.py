@@ -51,8 +51,15 @@ def per_set_table(methods: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+FAMILY_NAMES = {"softmax": "CLIP's symmetric InfoNCE", "sigmoid": "SigLIP's pairwise sigmoid loss"}
+
+
 def markdown(methods: dict, config: dict, extra: str = "") -> str:
-    parts = ["# calrft results", "", "## Summary", "", table(methods), ""]
+    parts = ["# calrft results", ""]
+    if config.get("loss_family"):
+        parts += [f"Contrastive loss family: **{config['loss_family']}** "
+                  f"({FAMILY_NAMES[config['loss_family']]}).", ""]
+    parts += ["## Summary", "", table(methods), ""]
     if any(r.get("ood") for r in methods.values()):
         for m in METRICS:
             parts += [f"## {m} per set", "", per_set_table(methods, m), ""]

@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from . import models
-from .ops import CaRotLoss, contrastive_loss, device_checks
+from .ops import CaRotLoss, contrastive_loss, device_checks, sigmoid_loss
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("carot", "flyp", "ft")
+LOSSES = ("auto", "softmax", "sigmoid")   # --loss: the contrastive family of carot / flyp
 
 
 # ---- precision -------------------------------------------------------------------------------
@@ -99,43 +100,87 @@ class RngState:
 
 # ---- the loss ----------------------------------------------------------------------------------
 
+def loss_family(setting: str, model) -> str:
+    """The contrastive family of --loss `setting` for `model`: "auto" is "sigmoid" for a model
+    with a logit bias (SigLIP-style: open_clip builds one from init_logit_bias, as
+    open_clip_train's --siglip does) and "softmax" otherwise."""
+    if setting not in LOSSES:
+        raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {setting!r}")
+    if setting == "auto":
+        return "sigmoid" if models.logit_bias(models.unwrap(model)) is not None else "softmax"
+    return setting
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a CLIP forward gives the loss: image and text features, the logit scale (the
+    multiplier exp(logit_scale)) and the logit bias (None for a model without one)."""
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, outputs) -> "Features":
+        """From an open_clip CLIP forward: (image, text, scale[, bias]) or its output_dict."""
+        if isinstance(outputs, dict):
+            return cls(outputs["image_features"], outputs["text_features"],
+                       outputs["logit_scale"], outputs.get("logit_bias"))
+        return cls(*outputs[:3], outputs[3] if len(outputs) > 3 else None)
+
+
 @dataclass
 class Objective:
     """The loss of a batch of (image, text) features: the one composition both steps use.
 
-    flyp: contrastive_loss; carot: CaRotLoss (contrastive + distillation + the parameter terms of
-    `clip`'s projections + the optional sigma_min term). Both are global across ranks through
-    `process_group` (each rank passes its local rows)."""
+    flyp: the family's loss (contrastive_loss or sigmoid_loss); carot: CaRotLoss of that family
+    (contrastive + distillation + the parameter terms of `clip`'s projections + the optional
+    sigma_min term). All are global across ranks through `process_group` (each rank passes its
+    local rows). The softmax family ignores a logit bias (a constant shift under the softmax,
+    as open_clip's ClipLoss does); the sigmoid family uses the student's and the teacher's."""
     method: str
     carot_loss: CaRotLoss | None = None
     process_group: object = None
     supervised_targets: bool = False
+    family: str = "softmax"
 
     def __post_init__(self):
         if self.method not in ("carot", "flyp"):
             raise ValueError(f"method: the contrastive objective is carot or flyp, got {self.method!r}")
+        if self.family not in LOSSES[1:]:
+            raise ValueError(f"family: expected softmax or sigmoid, got {self.family!r}")
         if self.method == "carot" and self.carot_loss is None:
             raise ValueError("carot_loss: method carot needs a CaRotLoss")
+        if self.carot_loss is not None and self.carot_loss.family != self.family:
+            raise ValueError(f"carot_loss: its family {self.carot_loss.family!r} is not the "
+                             f"objective's {self.family!r}")
 
-    def __call__(self, img, txt, scale, *, labels=None, teacher=None, clip=None) -> dict:
+    def __call__(self, student: Features, *, labels=None, teacher: Features | None = None,
+                 clip=None) -> dict:
         """{term: 0-d tensor} with "total", the loss to differentiate. The ops' checks that would
         synchronise with a GPU (finiteness of the logit scale and the projections) are skipped:
         a non-finite value shows as a non-finite loss, which the trainer checks at log steps."""
         with device_checks(False):
-            return self._terms(img, txt, scale, labels=labels, teacher=teacher, clip=clip)
+            return self._terms(student, labels=labels, teacher=teacher, clip=clip)
 
-    def _terms(self, img, txt, scale, *, labels, teacher, clip) -> dict:
+    def _terms(self, f: Features, *, labels, teacher, clip) -> dict:
         targets = labels if self.supervised_targets else None
+        sigmoid = self.family == "sigmoid"
+        bias = f.bias if sigmoid else None
         if self.method == "flyp":
-            loss = contrastive_loss(img, txt, scale, labels=targets, process_group=self.process_group)
+            fused = sigmoid_loss if sigmoid else contrastive_loss
+            loss = fused(f.image, f.text, f.scale, bias, labels=targets,
+                         process_group=self.process_group)
             return {"contrastive": loss, "total": loss}
         kwargs = {}
         if teacher is not None:
-            kwargs = dict(teacher_image_features=teacher[0], teacher_text_features=teacher[1],
-                          teacher_logit_scale=teacher[2])
-        out = self.carot_loss(img, txt, scale, visual_proj=models.visual_projection(clip),
+            kwargs = dict(teacher_image_features=teacher.image, teacher_text_features=teacher.text,
+                          teacher_logit_scale=teacher.scale)
+            if sigmoid:  # the soft targets sigmoid(T) use the teacher's own bias (0 without one)
+                kwargs["teacher_logit_bias"] = 0.0 if teacher.bias is None else teacher.bias
+        out = self.carot_loss(f.image, f.text, f.scale, visual_proj=models.visual_projection(clip),
                               text_proj=models.text_projection(clip), labels=targets,
-                              output_dict=True, **kwargs)
+                              logit_bias=bias, output_dict=True, **kwargs)
         return {k: v for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
 
 
@@ -202,9 +247,9 @@ class Stepper:
         return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
     @torch.no_grad()
-    def _teacher(self, images, texts):
+    def _teacher(self, images, texts) -> Features:
         with self.autocast():
-            return tuple(self.teacher(images, texts)[:3])
+            return Features.of(self.teacher(images, texts))
 
     # -- the step
     def forward_backward(self, batch, *, use_teacher: bool = True) -> dict:
@@ -240,56 +285,66 @@ class Stepper:
 
     def _plain(self, images, texts, labels, use_teacher):
         with self.autocast():
-            img, txt, scale = self.wrapped(images, texts)[:3]
+            student = Features.of(self.wrapped(images, texts))
         teacher = self._teacher(images, texts) if use_teacher else None
-        terms = self.objective(img, txt, scale, labels=labels, teacher=teacher, clip=self.clip)
+        terms = self.objective(student, labels=labels, teacher=teacher, clip=self.clip)
         self._backward(terms["total"])
         terms["loss"] = terms["total"]
         return terms
 
     def _cached(self, images, texts, labels, use_teacher, parts):
         # pass 1: features of every micro-batch without graphs, the random state before each
-        states, img, txt, t_img, t_txt, scale, t_scale = [], [], [], [], [], None, None
+        states, student, teacher = [], [], []
         with torch.no_grad():
             for lo, hi in parts:
                 states.append(self.rng.capture())
                 x, y = self._to(images[lo:hi]), self._to(texts[lo:hi])
                 with self.autocast():
-                    i, t, scale = self.student(x, y)[:3]
-                img.append(i)
-                txt.append(t)
+                    student.append(Features.of(self.student(x, y)))
                 if use_teacher:
-                    ti, tt, t_scale = self._teacher(x, y)
-                    t_img.append(ti)
-                    t_txt.append(tt)
+                    teacher.append(self._teacher(x, y))
         after = self.rng.capture()
         norm_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.norms]
-        # the loss of the whole batch and its gradients w.r.t. the features (O(B d))
-        img = torch.cat(img).requires_grad_()
-        txt = torch.cat(txt).requires_grad_()
-        scale = scale.detach().requires_grad_()
-        teacher = (torch.cat(t_img), torch.cat(t_txt), t_scale) if use_teacher else None
-        terms = self.objective(img, txt, scale, labels=labels, teacher=teacher, clip=self.clip)
+        # the loss of the whole batch and its gradients w.r.t. the features, the scale and the
+        # bias (O(B d)); the scalars are the last micro-batch's (the same module parameters)
+        leaves = _joined(student, leaf=True)
+        terms = self.objective(leaves, labels=labels, clip=self.clip,
+                               teacher=_joined(teacher) if use_teacher else None)
         self._backward(terms["total"])
         terms["loss"] = terms["total"]
-        g_img, g_txt, g_scale = img.grad, txt.grad, scale.grad
-        del img, txt, teacher
+        grads = Features(leaves.image.grad, leaves.text.grad, leaves.scale.grad,
+                         None if leaves.bias is None else leaves.bias.grad)
+        del leaves, student, teacher
         # pass 2: each micro-batch again with a graph, its pass-1 random state replayed
         for k, (lo, hi) in enumerate(parts):
             last = k == len(parts) - 1
             self.rng.restore(states[k])
             with self._sync(last):
                 with self.autocast():
-                    i, t, s = self.wrapped(self._to(images[lo:hi]), self._to(texts[lo:hi]))[:3]
-                outputs, grads = [i, t], [g_img[lo:hi], g_txt[lo:hi]]
-                if last:
-                    outputs.append(s)
-                    grads.append(g_scale.to(s.dtype))
-                self._backward(None, outputs, grads)
+                    f = Features.of(self.wrapped(self._to(images[lo:hi]), self._to(texts[lo:hi])))
+                outputs, out_grads = [f.image, f.text], [grads.image[lo:hi], grads.text[lo:hi]]
+                if last:  # a scalar without a gradient (the softmax family's bias) is not used
+                    for value, grad in ((f.scale, grads.scale), (f.bias, grads.bias)):
+                        if grad is not None:
+                            outputs.append(value)
+                            out_grads.append(grad.to(value.dtype))
+                self._backward(None, outputs, out_grads)
         self.rng.restore(after)
         for m, state in zip(self.norms, norm_state):
             m.load_state_dict(state)
         return terms
+
+
+def _joined(parts: list[Features], leaf: bool = False) -> Features:
+    """The micro-batches' features as one batch (the scalars of the last); leaf: every tensor a
+    fresh leaf that requires grad (the cached step's loss differentiates w.r.t. them)."""
+    last = parts[-1]
+    joined = Features(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]),
+                      last.scale, last.bias)
+    if not leaf:
+        return joined
+    return Features(*(None if t is None else t.detach().requires_grad_()
+                      for t in (joined.image, joined.text, joined.scale, joined.bias)))
 
 
 def materialise(terms: dict) -> dict:

@@ -152,15 +152,20 @@ class Trainer:
         if self.world > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device] if str(self.device).startswith("cuda") else None)
+        # the contrastive family (--loss; auto: sigmoid for a model with a logit bias)
+        self.family = None if cfg.method == "ft" else steps.loss_family(cfg.loss, self.clip)
+        if self.family is not None and dist.is_main():
+            log.info("loss family: %s (--loss %s)", self.family, cfg.loss)
         self.loss_fn = None
         if cfg.method == "carot":
             self.loss_fn = CaRotLoss(cfg.distill_weight, cfg.orth_weight, cfg.cross_weight,
-                                     cfg.sigma_min_weight, **self._group_kwargs())
+                                     cfg.sigma_min_weight, family=self.family,
+                                     **self._group_kwargs())
         if cfg.grad_checkpointing:
             models.set_grad_checkpointing(self.clip, True)
         self.scaler = steps.make_scaler(cfg.precision, self.device)
         objective = None if cfg.method == "ft" else steps.Objective(
-            cfg.method, self.loss_fn, self.group, cfg.supervised_targets)
+            cfg.method, self.loss_fn, self.group, cfg.supervised_targets, self.family)
         self.stepper = steps.Stepper(cfg.method, student=self.student, wrapped=self.wrapped,
                                      clip=self.clip, teacher=self.teacher, objective=objective,
                                      device=self.device, precision=cfg.precision,
@@ -189,6 +194,10 @@ class Trainer:
         if cfg.resume:
             self.load(cfg.resume)
         self.log = JsonLog(self.out / "log.jsonl", resume_at=self.step if cfg.resume else None)
+
+    def report_config(self) -> dict:
+        """The settings for results.json / report.md, with the loss family that ran."""
+        return {**self.cfg.to_dict(), "loss_family": self.family}
 
     def _group_kwargs(self):
         """CaRotLoss takes the process group that makes its contrastive part global."""
@@ -348,5 +357,5 @@ def run(cfg: TrainConfig, **inject) -> dict | None:
     trainer = Trainer(cfg, **inject)
     result = trainer.fit()
     if result is not None and dist.is_main():
-        report.write_all(cfg.out, {cfg.method: result}, cfg.to_dict())
+        report.write_all(cfg.out, {cfg.method: result}, trainer.report_config())
     return result
