@@ -92,6 +92,34 @@ def test_demo_pipeline_on_a_tiny_budget(tmp_path):
     assert len(list((tmp_path / "cache").glob("digits-pretrained-s3-*.pt"))) == 1
 
 
+def test_demo_with_the_sigmoid_family_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    """`calrft demo --loss sigmoid`: every stage on calrft-tiny-sigmoid with the sigmoid loss
+    (pretraining included), and the report and results.json say which family ran."""
+    from calrft import digits, step as steps
+    profile = dict(steps=3, batch_size=32, lr=1e-4, pretrain_steps=3, alphas=(0.0, 1.0))
+    monkeypatch.setitem(demo.PROFILES, "quick", profile)
+    calls = []
+    real = steps.sigmoid_loss
+    monkeypatch.setattr(steps, "sigmoid_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--loss", "sigmoid", "--seeds", "3", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert "seed 3 (sigmoid loss family)" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["loss_family"] == "sigmoid"
+    assert doc["config"]["finetune"]["model"] == models.TINY_SIGMOID
+    assert doc["config"]["finetune"]["loss"] == "sigmoid"
+    assert set(doc["methods"]) == {"zeroshot", "flyp", "carot"}
+    assert "Contrastive loss family: **sigmoid**" in (out / "report.md").read_text()
+    assert len(calls) == 3  # FLYP's steps; CaRot's go through CaRotLoss(family="sigmoid")
+    weights = checkpoint.load(doc["config"]["pretrained"])
+    assert weights["config"]["loss"] == "sigmoid" and "logit_bias" in weights["state_dict"]
+    assert digits.pretrained_path(3, tmp_path / "cache", "sigmoid", steps=3) != \
+        digits.pretrained_path(3, tmp_path / "cache", "softmax", steps=3)
+    carot = checkpoint.load(out / "carot" / "checkpoint.pt")
+    assert "logit_bias" in carot["teacher"]
+
+
 def test_seed_aggregate_mean_and_spread():
     def doc(acc):
         m = {"acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5}

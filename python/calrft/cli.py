@@ -229,6 +229,10 @@ def cmd_demo(args):
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct integers >= 0, got {args.seeds!r}")
     overrides = read_file(args.config) if args.config else {}
+    for key in ("loss", "model"):
+        if key in overrides:
+            raise ValueError(f"config {args.config!r}: {key!r} is not a fine-tuning override of "
+                             f"the demo (its model and loss family come from --loss)")
     if args.sigma_min_weight is not None:
         overrides["sigma_min_weight"] = args.sigma_min_weight
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -243,7 +247,7 @@ def cmd_demo(args):
     import torch
     torch.set_num_threads(args.threads)
     demo.run(args.out, seeds=seeds, quick=args.quick, cache=args.cache_dir, wise=args.wise_ft,
-             progress=args.progress, **overrides)
+             progress=args.progress, loss=args.loss, **overrides)
     return 0
 
 
@@ -301,6 +305,10 @@ def build_parser():
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, >= 1 (default 1: the tiny model gains nothing from more)")
     p.add_argument("--sigma-min-weight", type=float, default=None, help="CaRot's direct sigma_min regulariser weight")
+    p.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax",
+                   help="contrastive family of every stage: softmax (CLIP's InfoNCE on calrft-tiny) or "
+                        "sigmoid (SigLIP's loss on calrft-tiny-sigmoid, with its logit bias) "
+                        "(default: softmax)")
     p.add_argument("--config", metavar="FILE", help="YAML, JSON or TOML of fine-tuning overrides (TrainConfig keys)")
     p.set_defaults(func=cmd_demo)
 

@@ -1,7 +1,10 @@
 """calrft demo: the embedded benchmark end to end.
 
 pretrain (cached) -> zero-shot eval -> FLYP fine-tune -> CaRot fine-tune -> WiSE-FT sweep, then a
-table on stdout and results.json, report.md and plots in --out."""
+table on stdout and results.json, report.md and plots in --out. `loss` picks the contrastive
+family of every stage: "softmax" (CLIP's InfoNCE on calrft-tiny, the default) or "sigmoid"
+(SigLIP's loss on calrft-tiny-sigmoid, whose logit bias the loss, the EMA teacher and the
+checkpoints carry)."""
 from __future__ import annotations
 
 import json
@@ -32,10 +35,12 @@ PROFILES = {
 METHODS = ("flyp", "carot")
 
 
-def finetune_config(profile: dict, method: str, seed: int, out: Path, **overrides) -> TrainConfig:
+def finetune_config(profile: dict, method: str, seed: int, out: Path, loss: str = "softmax",
+                    **overrides) -> TrainConfig:
     steps = profile["steps"]
     two_percent = max(1, round(0.02 * steps))
-    cfg = TrainConfig(model=models.TINY, pretrained=None, method=method, batch_size=profile["batch_size"],
+    cfg = TrainConfig(model=digits.pretrain_model(loss), loss=loss, pretrained=None, method=method,
+                      batch_size=profile["batch_size"],
                       steps=steps, lr=profile["lr"], warmup=two_percent, ema_every=two_percent,
                       templates="openai", workers=0, seed=seed, device="cpu", out=str(out / method),
                       eval_every=10**9, save_every=10**9, log_every=10, progress=True)
@@ -47,12 +52,16 @@ def finetune_config(profile: dict, method: str, seed: int, out: Path, **override
 
 
 def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=True, profile=None,
-             **overrides) -> dict:
+             loss="softmax", **overrides) -> dict:
     profile = profile or PROFILES["quick" if quick else "full"]
+    if "loss" in overrides or "model" in overrides:
+        raise ValueError("config: the demo's model and loss family come from its --loss "
+                         "(softmax or sigmoid), not from fine-tuning overrides")
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.time()
-    weights = digits.pretrain(seed, cache=cache, progress=progress, steps=profile["pretrain_steps"])
+    weights = digits.pretrain(seed, cache=cache, progress=progress, family=loss,
+                              steps=profile["pretrain_steps"])
     times["pretrain"] = time.time() - t
     bench = digits.build_benchmark(seed)
     classnames = bench["classnames"]
@@ -62,7 +71,7 @@ def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=
 
     def fresh_model():
         torch.manual_seed(seed)
-        model, _, _, tokenizer = models.create(models.TINY, str(weights))
+        model, _, _, tokenizer = models.create(digits.pretrain_model(loss), str(weights))
         return model, tokenizer
 
     def evaluate(model, tokenizer):
@@ -78,7 +87,7 @@ def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=
     for method in METHODS:
         t = time.time()
         model, tokenizer = fresh_model()
-        cfg = finetune_config(profile, method, seed, out, progress=progress, **overrides)
+        cfg = finetune_config(profile, method, seed, out, loss, progress=progress, **overrides)
         trainer = Trainer(cfg, model=model, tokenizer=tokenizer, train_set=train_set,
                           eval_sets=eval_sets, classnames=classnames)
         results[method] = trainer.fit()
@@ -97,7 +106,8 @@ def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=
         extra = "## WiSE-FT\n\n" + wiseft.table(sweeps)
         times["wiseft"] = time.time() - t
     config = {"seed": seed, "quick": quick, "profile": profile, "pretrained": str(weights),
-              "finetune": finetune_config(profile, "carot", seed, out, **overrides).to_dict(),
+              "loss_family": loss,
+              "finetune": finetune_config(profile, "carot", seed, out, loss, **overrides).to_dict(),
               "seconds": times}
     doc = report.write_all(out, results, config, extra)
     if sweeps:
@@ -132,16 +142,19 @@ def aggregate_table(agg: dict) -> str:
     return "\n".join(lines)
 
 
-def run(out, seeds=(0,), quick=False, cache=None, wise=True, progress=True, profile=None, **overrides) -> dict:
+def run(out, seeds=(0,), quick=False, cache=None, wise=True, progress=True, profile=None,
+        loss="softmax", **overrides) -> dict:
     out = Path(out)
     docs = []
     for seed in seeds:
         seed_out = out if len(seeds) == 1 else out / f"seed{seed}"
-        docs.append(run_seed(seed_out, seed, quick, cache, wise, progress, profile, **overrides))
-        print(f"\nseed {seed}:\n" + report.table(docs[-1]["methods"]))
+        docs.append(run_seed(seed_out, seed, quick, cache, wise, progress, profile, loss,
+                             **overrides))
+        print(f"\nseed {seed} ({loss} loss family):\n" + report.table(docs[-1]["methods"]))
     if len(seeds) > 1:
         agg = aggregate(docs)
-        text = f"# calrft demo over seeds {list(seeds)} (mean ± std)\n\n" + aggregate_table(agg) + "\n"
+        text = (f"# calrft demo over seeds {list(seeds)} (mean ± std), {loss} loss family\n\n"
+                + aggregate_table(agg) + "\n")
         atomic_write_text(out / "summary.md", text)
         atomic_write_text(out / "summary.json", json.dumps({"seeds": list(seeds), "aggregate": agg}, indent=2))
         print("\n" + text)

@@ -202,25 +202,40 @@ def cache_dir(explicit=None) -> Path:
     return path
 
 
-def pretrained_path(seed: int, cache=None, **overrides) -> Path:
+def pretrain_model(family: str = "softmax") -> str:
+    """The tiny architecture pretrained for a loss family: calrft-tiny for the softmax family,
+    calrft-tiny-sigmoid (with a logit bias) for the sigmoid family."""
+    from .models import TINY, TINY_SIGMOID
+    if family not in ("softmax", "sigmoid"):
+        raise ValueError(f"loss: expected softmax or sigmoid, got {family!r}")
+    return TINY if family == "softmax" else TINY_SIGMOID
+
+
+def pretrained_path(seed: int, cache=None, family: str = "softmax", **overrides) -> Path:
+    """The cache file of a pretraining; its key holds the settings and the architecture (which
+    differs between the families: the sigmoid family's has the logit bias)."""
     from .models import tiny_config
     cfg = {**PRETRAIN_DEFAULTS, **overrides, "seed": seed, "version": PRETRAIN_VERSION,
-           "architecture": tiny_config()}
+           "architecture": tiny_config(pretrain_model(family))}
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir(cache) / f"digits-pretrained-s{seed}-{key}.pt"
 
 
-def pretrain(seed: int = 0, cache=None, progress=True, **overrides) -> Path:
-    """Train (or reuse from the cache) the zero-shot model; returns an open_clip-loadable file."""
+def pretrain(seed: int = 0, cache=None, progress=True, family: str = "softmax",
+             **overrides) -> Path:
+    """Train (or reuse from the cache) the zero-shot model with the `family`'s loss
+    (contrastive_loss, or sigmoid_loss with the model's logit bias); returns an
+    open_clip-loadable file."""
     from . import checkpoint, models
-    from .ops import contrastive_loss
+    from .ops import contrastive_loss, sigmoid_loss
+    from .step import Features
     from .train import cosine_lr
-    path = pretrained_path(seed, cache, **overrides)
+    path = pretrained_path(seed, cache, family, **overrides)
     if path.exists():
         return path
     cfg = {**PRETRAIN_DEFAULTS, **overrides}
     torch.manual_seed(seed)
-    model, _, _, tokenizer = models.create(models.TINY)
+    model, _, _, tokenizer = models.create(pretrain_model(family))
     bench = build_benchmark(seed)
     gray, labels = bench["train_gray"]
     table = CaptionTable(tokenizer)
@@ -233,15 +248,18 @@ def pretrain(seed: int = 0, cache=None, progress=True, **overrides) -> Path:
             group["lr"] = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
         images, tokens = pretrain_batch(gray, labels, table, cfg["batch_size"], cfg["caption_noise"],
                                         cfg["clean_fraction"], g)
-        img, txt, scale = model(images, tokens)
-        loss = contrastive_loss(img, txt, scale)
+        f = Features.of(model(images, tokens))
+        if family == "sigmoid":
+            loss = sigmoid_loss(f.image, f.text, f.scale, f.bias)
+        else:
+            loss = contrastive_loss(f.image, f.text, f.scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.update(loss=f"{loss.item():.3f}")
     bar.close()
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    checkpoint.atomic_save({"state_dict": state, "config": {**cfg, "seed": seed},
+    checkpoint.atomic_save({"state_dict": state, "config": {**cfg, "seed": seed, "loss": family},
                             "seconds": time.time() - start}, path)
     log.info("pretrained zero-shot model cached at %s (%.0f s)", path, time.time() - start)
     return path
