@@ -40,10 +40,11 @@ def test_build_py_ships_every_module_and_data_file(built, package):
     assert not missing, f"{package}: a wheel would miss {missing}"
 
 
-def test_tiny_model_config_is_shipped_and_readable(built):
-    config = built / "calrft" / "model_configs" / "calrft-tiny.json"
-    assert config.is_file()
-    assert "vision_cfg" in json.loads(config.read_text())
+@pytest.mark.parametrize("name", ["calrft-tiny", "calrft-tiny-sigmoid"])
+def test_tiny_model_configs_are_shipped_and_readable(built, name):
+    config = json.loads((built / "calrft" / "model_configs" / f"{name}.json").read_text())
+    assert "vision_cfg" in config
+    assert ("init_logit_bias" in config) == (name == "calrft-tiny-sigmoid")  # the SigLIP-style one
 
 
 def test_installed_tree_imports_and_finds_its_data(built):
@@ -51,7 +52,7 @@ def test_installed_tree_imports_and_finds_its_data(built):
     the tiny config through its own path logic."""
     code = ("import calrft.models as m, sys; "
             "assert m.__file__.startswith(sys.argv[1]), m.__file__; "
-            "print(m.tiny_config()['embed_dim'])")
+            "print(m.tiny_config()['embed_dim'] + m.tiny_config(m.TINY_SIGMOID)['embed_dim'])")
     env = dict(os.environ, PYTHONPATH=str(built))
     proc = subprocess.run([sys.executable, "-c", code, str(built)], cwd=built, env=env,
                           capture_output=True, text=True, timeout=300)
