@@ -133,3 +133,42 @@ def test_cli_train_with_the_sigmoid_family_names_it_in_the_report(tmp_path):
     assert "Contrastive loss family: **sigmoid**" in (out / "report.md").read_text()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+def test_siglip_weights_load_into_the_architecture_with_a_bias(tmp_path):
+    """Weights of a SigLIP-style run of a plain architecture (open_clip_train --siglip builds
+    ViT-B-16 with init_logit_bias) load with --model <that architecture>: the model is built
+    with a bias, so --loss auto picks the sigmoid family; torch and .safetensors files alike."""
+    from safetensors.torch import save_file
+    trained = open_clip.create_model(models.TINY, init_logit_bias=-7.5)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}},
+               tmp_path / "siglip.pt")
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "siglip.safetensors"))
+    for path in (tmp_path / "siglip.pt", tmp_path / "siglip.safetensors"):
+        model, *_ = models.create(models.TINY, str(path))
+        assert model.logit_bias.item() == -7.5
+        assert torch.equal(model.visual.proj, trained.visual.proj)
+        assert steps.loss_family("auto", model) == "sigmoid"
+    plain, *_ = models.create(models.TINY, None)
+    assert models.logit_bias(plain) is None and steps.loss_family("auto", plain) == "softmax"
+
+
+def test_carot_refuses_a_model_without_projections_up_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "visual_projection", lambda model: None)
+    with pytest.raises(ValueError, match="method: carot's orthogonality .* image tower has none"):
+        make(tmp_path / "carot", steps=1)
+    make(tmp_path / "flyp", method="flyp", steps=1)  # flyp has no parameter terms
+
+
+def test_visual_projection_of_a_timm_style_linear_head():
+    """open_clip's TimmModel keeps its projection as visual.head.proj (an nn.Linear) when
+    timm_proj is "linear"; W_v is its weight transposed, [width, embed] like visual.proj."""
+    from collections import OrderedDict
+    clip = torch.nn.Module()
+    clip.visual = torch.nn.Module()
+    clip.visual.head = torch.nn.Sequential(OrderedDict(proj=torch.nn.Linear(12, 5, bias=False)))
+    w = models.visual_projection(clip)
+    assert w.shape == (12, 5) and torch.equal(w, clip.visual.head.proj.weight.T)
+    clip.visual.head = torch.nn.Sequential(OrderedDict(drop=torch.nn.Dropout()))
+    assert models.visual_projection(clip) is None

@@ -38,7 +38,9 @@ def create(model_name: str, pretrained: str | None = None, device="cpu", cache_d
 
     `pretrained` is an open_clip tag (needs the network) or a local checkpoint path: an
     open_clip/OpenAI weight file, or a calrft checkpoint (its "state_dict" entry is what open_clip
-    reads). None or "" means random initialisation."""
+    reads). None or "" means random initialisation. Weights that carry a logit bias (a SigLIP-style
+    run: open_clip_train --siglip, or calrft's sigmoid family) build the architecture with one,
+    as open_clip_train does, so that they load (and --loss auto picks the sigmoid family)."""
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"model_name: unknown open_clip architecture {model_name!r}")
     if pretrained and os.sep not in pretrained and not os.path.exists(pretrained):
@@ -48,9 +50,14 @@ def create(model_name: str, pretrained: str | None = None, device="cpu", cache_d
                              f"tags for {model_name} ({', '.join(tags) or 'none'})")
     elif pretrained and not os.path.exists(pretrained):
         raise ValueError(f"pretrained: no such file {pretrained!r}")
+    model_kwargs = {}
+    if pretrained and os.path.isfile(pretrained) and _weights_have_logit_bias(pretrained) and \
+            "init_logit_bias" not in (open_clip.get_model_config(model_name) or {}):
+        model_kwargs["init_logit_bias"] = 0.0  # the file's value replaces it
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+            model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir,
+            **model_kwargs)
     except RuntimeError as exc:
         if "Failed to download" not in str(exc):
             raise
@@ -61,9 +68,32 @@ def create(model_name: str, pretrained: str | None = None, device="cpu", cache_d
     return model, train_tf, eval_tf, tokenizer
 
 
+def _weights_have_logit_bias(path: str) -> bool:
+    """Whether a weights file (torch or .safetensors; a bare state dict or {"state_dict": ...},
+    keys perhaps prefixed "module." by DDP) holds a logit_bias, read without loading the
+    tensors (memory-mapped)."""
+    from . import checkpoint
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            names = set(f.keys())
+    else:
+        state = checkpoint.load(path, what="pretrained", mmap=True)
+        names = set(state.get("state_dict", state))
+    return bool({"logit_bias", "module.logit_bias"} & names)
+
+
 def visual_projection(model) -> torch.Tensor | None:
-    """W_v, the last linear map of the image tower (open_clip ViTs: visual.proj)."""
-    return getattr(getattr(model, "visual", None), "proj", None)
+    """W_v [width, embed], the last linear map of the image tower: open_clip ViTs' visual.proj, or
+    a timm tower's linear head (timm_proj "linear": visual.head.proj). None for towers without
+    one (timm_proj "none", e.g. open_clip's ViT-*-SigLIP; ResNets)."""
+    visual = getattr(model, "visual", None)
+    proj = getattr(visual, "proj", None)
+    if proj is None:
+        proj = getattr(getattr(visual, "head", None), "proj", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.weight.T
+    return proj if isinstance(proj, torch.Tensor) else None
 
 
 def text_projection(model) -> torch.Tensor | None:

@@ -158,6 +158,14 @@ class Trainer:
             log.info("loss family: %s (--loss %s)", self.family, cfg.loss)
         self.loss_fn = None
         if cfg.method == "carot":
+            missing = [name for name, w in (("image", models.visual_projection(self.clip)),
+                                            ("text", models.text_projection(self.clip)))
+                       if w is None]
+            if missing:
+                raise ValueError(f"method: carot's orthogonality and cross terms act on the "
+                                 f"towers' projections, and {cfg.model}'s {' and '.join(missing)} "
+                                 f"tower has none (e.g. a timm tower with timm_proj 'none'); use "
+                                 f"--method flyp, or a model with projections")
             self.loss_fn = CaRotLoss(cfg.distill_weight, cfg.orth_weight, cfg.cross_weight,
                                      cfg.sigma_min_weight, family=self.family,
                                      **self._group_kwargs())
