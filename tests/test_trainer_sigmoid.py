@@ -43,6 +43,11 @@ def test_loss_auto_picks_sigmoid_for_a_model_with_a_logit_bias(tmp_path, name, s
     assert t.loss_fn.family == family and t.stepper.objective.family == family
     assert t.report_config()["loss_family"] == family
     assert (models.logit_bias(t.clip) is not None) == (name == models.TINY_SIGMOID)
+    if name == models.TINY_SIGMOID:  # the softmax family ignores the bias: frozen (DDP, AdamW)
+        assert t.clip.logit_bias.requires_grad == (family == "sigmoid")
+        before = t.clip.logit_bias.item()
+        t.fit()
+        assert (t.clip.logit_bias.item() != before) == (family == "sigmoid")
 
 
 def test_bad_loss_setting_is_refused(tmp_path):

@@ -145,6 +145,14 @@ class Trainer:
             head = ev.zeroshot_head(self.clip, tokenizer, classnames, self.templates, self.device,
                                     cfg.precision)
             self.student = FTClassifier(self.clip, head).to(self.device)
+        # the contrastive family (--loss; auto: sigmoid for a model with a logit bias). The
+        # softmax family ignores a bias (a constant shift under the softmax): it is frozen, so
+        # that it is neither left without a gradient under DDP nor touched by the optimiser.
+        self.family = None if cfg.method == "ft" else steps.loss_family(cfg.loss, self.clip)
+        if self.family == "softmax" and models.logit_bias(self.clip) is not None:
+            self.clip.logit_bias.requires_grad_(False)
+        if self.family is not None and dist.is_main():
+            log.info("loss family: %s (--loss %s)", self.family, cfg.loss)
         self.teacher = None
         if cfg.method == "carot" and cfg.distill_weight > 0:
             self.teacher = ema.make_teacher(self.clip)
@@ -152,10 +160,6 @@ class Trainer:
         if self.world > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device] if str(self.device).startswith("cuda") else None)
-        # the contrastive family (--loss; auto: sigmoid for a model with a logit bias)
-        self.family = None if cfg.method == "ft" else steps.loss_family(cfg.loss, self.clip)
-        if self.family is not None and dist.is_main():
-            log.info("loss family: %s (--loss %s)", self.family, cfg.loss)
         self.loss_fn = None
         if cfg.method == "carot":
             missing = [name for name, w in (("image", models.visual_projection(self.clip)),
