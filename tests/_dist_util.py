@@ -66,3 +66,22 @@ def spawn_with_retry(tmp_path_factory, worker, world: int, *args):
     second = spawn(worker, world, str(tmp_path_factory.mktemp("dist_retry")), *args)
     assert not isinstance(second, str), f"two gloo groups crashed: {first}; then {second}"
     return second
+
+
+def assert_ranks_equal_one_process(per_rank, single_loss, single_grads, b_local: int):
+    """The api.md process-group convention of both loss families. per_rank: [(loss, grads)] of
+    each rank on its b_local rows; single_*: one process over the concatenated batch; grads are
+    [d image, d text, scalar gradients...]. The mean of the rank losses is the single-process
+    loss; after DDP's averaging the gradients are the single-process ones: each rank's feature
+    gradient is world x the single-process gradient of its rows (DDP divides by world), scalar
+    gradients average over ranks."""
+    world = len(per_rank)
+    torch.testing.assert_close(sum(loss for loss, _ in per_rank) / world, single_loss,
+                               rtol=1e-10, atol=1e-12)
+    for r, (_, grads) in enumerate(per_rank):
+        rows = slice(r * b_local, (r + 1) * b_local)
+        for got, want in zip(grads[:2], single_grads[:2]):
+            torch.testing.assert_close(got / world, want[rows], rtol=1e-9, atol=1e-12)
+    for i in range(2, len(single_grads)):
+        avg = sum(grads[i] for _, grads in per_rank) / world
+        torch.testing.assert_close(avg, single_grads[i], rtol=1e-9, atol=1e-12)

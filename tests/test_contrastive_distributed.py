@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _dist_util import spawn_with_retry
+from _dist_util import assert_ranks_equal_one_process, spawn_with_retry
 from calrft_kernels import ClipLoss, contrastive_loss
 
 WORLD = 2
@@ -91,19 +91,7 @@ def test_two_gloo_ranks_match_single_process(two_rank_results, option, backend):
     batch = global_batch()
     single_loss, single_grads = run_loss(batch, slice(None), option, "reference")
     ranks = [two_rank_results[r][0][(option, backend)] for r in range(WORLD)]
-    # api.md: the mean of the rank losses is the single-process loss ...
-    mean_loss = sum(loss for loss, _ in ranks) / WORLD
-    torch.testing.assert_close(mean_loss, single_loss, rtol=1e-10, atol=1e-12)
-    # ... and after DDP's averaging the gradients equal the single-process ones: each rank's
-    # feature gradient is WORLD x the single-process gradient of its rows (DDP divides by WORLD),
-    # scalar gradients average over ranks.
-    for r, (_, grads) in enumerate(ranks):
-        rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-        for got, want in zip(grads[:2], single_grads[:2]):
-            torch.testing.assert_close(got / WORLD, want[rows], rtol=1e-9, atol=1e-12)
-    for i in range(2, len(single_grads)):
-        avg = sum(grads[i] for _, grads in ranks) / WORLD
-        torch.testing.assert_close(avg, single_grads[i], rtol=1e-9, atol=1e-12)
+    assert_ranks_equal_one_process(ranks, single_loss, single_grads, B_LOCAL)
 
 
 def test_clip_loss_matches_open_clip_in_every_gather_mode(two_rank_results):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _dist_util import spawn_with_retry
+from _dist_util import assert_ranks_equal_one_process, spawn_with_retry
 from calrft_kernels import CaRotLoss, SigLipLoss, sigmoid_loss
 from calrft_kernels.losses import SIGLIP_DIST_IMPLS
 
@@ -104,18 +104,7 @@ def test_gloo_ranks_match_one_process_over_the_global_batch(ranks, option, backe
     batch = global_batch(world)
     single_loss, single_grads = run_loss(batch, slice(None), option, "reference")
     per_rank = [results[r][0][(option, backend)] for r in range(world)]
-    # api.md: the mean of the rank losses is the global batch's loss ...
-    torch.testing.assert_close(sum(loss for loss, _ in per_rank) / world, single_loss,
-                               rtol=1e-10, atol=1e-12)
-    # ... and after DDP's averaging the gradients are the global loss's: each rank's feature
-    # gradient is `world` x the global gradient of its rows, scalar gradients average.
-    for r, (_, grads) in enumerate(per_rank):
-        rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-        for got, want in zip(grads[:2], single_grads[:2]):
-            torch.testing.assert_close(got / world, want[rows], rtol=1e-9, atol=1e-12)
-    for i in range(2, len(single_grads)):
-        avg = sum(grads[i] for _, grads in per_rank) / world
-        torch.testing.assert_close(avg, single_grads[i], rtol=1e-9, atol=1e-12)
+    assert_ranks_equal_one_process(per_rank, single_loss, single_grads, B_LOCAL)
 
 
 def test_each_rank_loss_is_its_rows_against_every_column(ranks):
