@@ -149,7 +149,8 @@ class NaiveCaRot(torch.nn.Module):
         self.distill_weight, self.orth_weight, self.cross_weight = distill_weight, orth_weight, cross_weight
 
     def forward(self, img, txt, scale, *, visual_proj, text_proj, teacher_image_features=None,
-                teacher_text_features=None, teacher_logit_scale=None, labels=None, logit_bias=None, output_dict=False):
+                teacher_text_features=None, teacher_logit_scale=None, labels=None, logit_bias=None,
+                output_dict=False):
         from calrft_kernels.reference import naive_carot_loss
         distill = self.distill_weight if teacher_image_features is not None else 0.0
         if teacher_image_features is None:  # no teacher yet (step 0): contrastive only

@@ -28,9 +28,9 @@ from torch import Tensor
 from . import _backend
 from ._checks import compute_dtype
 from . import pairs
-from .pairs import (GlobalBatch, Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
-                    check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
-                    kernel_dtype)
+from .pairs import (GlobalBatch, Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair,
+                    check_labels, check_scalar, check_teacher, check_tensor_scalars_finite,
+                    check_weight, kernel_dtype)
 
 __all__ = ["contrastive_loss", "contrastive_terms", "ContrastiveInputs", "ContrastiveTerms",
            "GlobalBatch", "Teacher", "contrastive_stats", "contrastive_stats_backward",

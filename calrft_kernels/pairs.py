@@ -1,7 +1,8 @@
 """Seams shared by the pair-loss families (the softmax contrastive loss, contrastive.py, and the
 sigmoid loss, sigmoid.py): the dtype policy, the argument checks of their common arguments, the
-typed teacher and the process-group gather (`global_batch`). Each family validates its arguments here, once, at the Python boundary; every
-check raises TypeError / ValueError naming the argument.
+typed teacher and the process-group gather (`global_batch`). Each family validates its arguments
+here, once, at the Python boundary; every check raises TypeError / ValueError naming the
+argument.
 
 Tensor scalars (logit_scale, logit_bias, teacher_logit_scale, teacher_logit_bias) are checked for
 finiteness. On the CPU that is free; on a GPU it needs their values on the host: ONE
@@ -24,8 +25,8 @@ from . import _backend
 from ._checks import FLOAT_DTYPES
 from .distributed import gather_no_grad, gather_with_grad, world
 
-__all__ = ["Teacher", "GlobalBatch", "global_batch", "kernel_dtype", "check_features", "check_feature_pair", "check_scalar",
-           "check_tensor_scalars_finite", "check_labels", "check_weight", "check_chunk_rows",
+__all__ = ["Teacher", "GlobalBatch", "global_batch", "kernel_dtype", "check_features",
+           "check_feature_pair", "check_scalar", "check_tensor_scalars_finite", "check_labels", "check_weight", "check_chunk_rows",
            "check_teacher", "as_scalar_tensor"]
 
 

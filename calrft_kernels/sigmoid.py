@@ -25,9 +25,9 @@ from torch import Tensor
 
 from . import _backend
 from ._checks import compute_dtype
-from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, global_batch, check_feature_pair, check_labels,
+from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
                     check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
-                    kernel_dtype)
+                    global_batch, kernel_dtype)
 
 __all__ = ["sigmoid_loss", "sigmoid_terms", "SigmoidInputs", "SigmoidTerms", "sigmoid_pairs"]
 

@@ -75,7 +75,8 @@ def _worker(rank, world):
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     losses = {(option, backend): run_loss(batch, rows, option, backend, dist.group.WORLD)
               for option in OPTIONS for backend in BACKENDS}
-    return losses, _siglip_modes(batch, rows, rank, world), carot_terms(batch, rows, dist.group.WORLD)
+    return (losses, _siglip_modes(batch, rows, rank, world),
+            carot_terms(batch, rows, dist.group.WORLD))
 
 
 def carot_terms(batch, rows, group=None):

@@ -192,7 +192,8 @@ def test_demo_checks_its_arguments_and_folder(tmp_path, capsys, monkeypatch):
     assert "seeds" in fails(["demo", "--seeds", "0,x", "--out", str(tmp_path / "d"), "--overwrite"], capsys)
     cfg = tmp_path / "loss.yaml"
     cfg.write_text("loss: sigmoid\n")
-    line = fails(["demo", "--config", str(cfg), "--out", str(tmp_path / "d"), "--overwrite"], capsys)
+    line = fails(["demo", "--config", str(cfg), "--out", str(tmp_path / "d"), "--overwrite"],
+                 capsys)
     assert "'loss' is not a fine-tuning override of the demo" in line and "--loss" in line
     line = fails(["demo", "--out", str(tmp_path / "d")], capsys)
     assert "error: out:" in line and "already holds a run (carot/checkpoint.pt, results.json)" in line

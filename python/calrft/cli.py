@@ -229,10 +229,7 @@ def cmd_demo(args):
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct integers >= 0, got {args.seeds!r}")
     overrides = read_file(args.config) if args.config else {}
-    for key in ("loss", "model"):
-        if key in overrides:
-            raise ValueError(f"config {args.config!r}: {key!r} is not a fine-tuning override of "
-                             f"the demo (its model and loss family come from --loss)")
+    demo.check_overrides(overrides, f"config {args.config!r}")
     if args.sigma_min_weight is not None:
         overrides["sigma_min_weight"] = args.sigma_min_weight
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

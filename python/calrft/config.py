@@ -17,7 +17,7 @@ class TrainConfig:
     cache_dir: str | None = None
     # objective (defaults: the official CaRot code, see objective.md)
     method: str = "carot"                  # carot | flyp | ft
-    loss: str = "auto"                     # softmax | sigmoid | auto (sigmoid iff the model has a logit bias)
+    loss: str = "auto"                     # softmax | sigmoid | auto (sigmoid iff a logit bias)
     distill_weight: float = 1.5
     orth_weight: float = 0.2
     cross_weight: float = 0.05

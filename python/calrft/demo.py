@@ -35,6 +35,15 @@ PROFILES = {
 METHODS = ("flyp", "carot")
 
 
+def check_overrides(overrides: dict, source: str = "config") -> None:
+    """Fine-tuning overrides may not set the model or the loss family: both follow the demo's
+    `loss` (its pretrained model is of that family)."""
+    for key in ("loss", "model"):
+        if key in overrides:
+            raise ValueError(f"{source}: {key!r} is not a fine-tuning override of the demo (its "
+                             f"model and loss family come from --loss)")
+
+
 def finetune_config(profile: dict, method: str, seed: int, out: Path, loss: str = "softmax",
                     **overrides) -> TrainConfig:
     steps = profile["steps"]
@@ -54,9 +63,7 @@ def finetune_config(profile: dict, method: str, seed: int, out: Path, loss: str 
 def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=True, profile=None,
              loss="softmax", **overrides) -> dict:
     profile = profile or PROFILES["quick" if quick else "full"]
-    if "loss" in overrides or "model" in overrides:
-        raise ValueError("config: the demo's model and loss family come from its --loss "
-                         "(softmax or sigmoid), not from fine-tuning overrides")
+    check_overrides(overrides)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.time()
