@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _backend
 from ._checks import compute_dtype
 from . import pairs
-from .pairs import (GlobalBatch, Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair,
+from .pairs import (GlobalBatch, Operands, Teacher, check_chunk_rows, check_feature_pair,
                     check_labels, check_scalar, check_teacher, check_tensor_scalars_finite,
                     check_weight, kernel_dtype)
 
@@ -250,14 +250,12 @@ def contrastive_terms(inputs: ContrastiveInputs,
     Local rows of a larger batch: one call per direction with row statistics only."""
     batch = global_batch(inputs) if batch is None else batch
     image, text, backend = inputs.image, inputs.text, inputs.backend
-    kdtype = kernel_dtype(image.dtype, backend, image.device)
-    sdtype = compute_dtype(kdtype)
-    device = image.device
-    scale = as_scalar_tensor(inputs.scale, sdtype, device)
-    bias = as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
-    cast = lambda x: x.to(kdtype).contiguous()  # noqa: E731
+    ops = Operands.of(image, backend)
+    cast = ops.cast
+    scale = ops.scalar(inputs.scale)
+    bias = ops.scalar(0.0 if inputs.bias is None else inputs.bias)
     teacher = batch.teacher
-    tscale = None if teacher is None else as_scalar_tensor(teacher.scale, sdtype, device).detach()
+    tscale = None if teacher is None else ops.scalar(teacher.scale).detach()
     img, txt = cast(image), cast(text)
     stats = functools.partial(contrastive_stats, backend=backend, chunk_rows=inputs.chunk_rows)
     offset = batch.offset
@@ -274,7 +272,7 @@ def contrastive_terms(inputs: ContrastiveInputs,
             tq_t, tk_t = cast(teacher.text[rows]), cast(teacher.image)
         row_stats, _ = stats(img, txt_all, scale, bias, tq, tk, tscale, False)
         col_stats, _ = stats(txt, img_all, scale, bias, tq_t, tk_t, tscale, False)
-    up = lambda x: x.to(sdtype)  # noqa: E731  (linear terms accumulate like the kernels)
+    up = lambda x: x.to(ops.acc)  # noqa: E731  (linear terms accumulate like the kernels)
     common = (scale, bias, batch.labels, inputs.label_smoothing, teacher is not None)
     ce_i, sd_i = _direction_terms(row_stats, up(img), up(txt_all), offset, *common)
     ce_t, sd_t = _direction_terms(col_stats, up(txt), up(img_all), offset, *common)

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, compute_dtype
 from .distributed import gather_no_grad, gather_with_grad, world
 
-__all__ = ["Teacher", "GlobalBatch", "global_batch", "kernel_dtype", "check_features",
+__all__ = ["Teacher", "GlobalBatch", "global_batch", "Operands", "kernel_dtype", "check_features",
            "check_feature_pair", "check_scalar", "check_tensor_scalars_finite", "check_labels", "check_weight", "check_chunk_rows",
            "check_teacher", "as_scalar_tensor"]
 
@@ -189,11 +189,30 @@ def check_teacher(image: Tensor, distill_weight: float, teacher_image_features,
     return Teacher(timg.detach(), ttxt.detach(), detach(tscale), detach(tbias))
 
 
-def as_scalar_tensor(value, dtype, device) -> Tensor:
-    """A checked scalar (tensor or float) as a 0-dim tensor of `dtype` (autograd kept)."""
-    if isinstance(value, Tensor):
-        return value.to(dtype)
-    return torch.tensor(value, dtype=dtype, device=device)
+@dataclass(frozen=True)
+class Operands:
+    """The dtype policy applied to one call, as both families' compositions hand validated
+    inputs to their kernels: `dtype`, the operand dtype the backend reads (kernel_dtype); `acc`,
+    the dtype of the scalars and of what the kernels accumulate (compute_dtype of `dtype`)."""
+    dtype: torch.dtype
+    acc: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, features: Tensor, backend: str) -> "Operands":
+        dtype = kernel_dtype(features.dtype, backend, features.device)
+        return cls(dtype, compute_dtype(dtype), features.device)
+
+    def cast(self, x: Tensor) -> Tensor:
+        """Features as the kernel reads them: the operand dtype, contiguous."""
+        return x.to(self.dtype).contiguous()
+
+    def scalar(self, value) -> Tensor:
+        """A checked scalar (tensor or float) as a 0-dim tensor of the accumulation dtype
+        (autograd kept)."""
+        if isinstance(value, Tensor):
+            return value.to(self.acc)
+        return torch.tensor(value, dtype=self.acc, device=self.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from . import _backend
 from ._checks import compute_dtype
-from .pairs import (Teacher, as_scalar_tensor, check_chunk_rows, check_feature_pair, check_labels,
+from .pairs import (Operands, Teacher, check_chunk_rows, check_feature_pair, check_labels,
                     check_scalar, check_teacher, check_tensor_scalars_finite, check_weight,
-                    global_batch, kernel_dtype)
+                    global_batch)
 
 __all__ = ["sigmoid_loss", "sigmoid_terms", "SigmoidInputs", "SigmoidTerms", "sigmoid_pairs"]
 
@@ -200,19 +200,17 @@ def sigmoid_terms(inputs: SigmoidInputs) -> SigmoidTerms:
     image, backend = inputs.image, inputs.backend
     batch = global_batch(image, inputs.text, inputs.labels, inputs.teacher, inputs.process_group,
                          gather_image=False)
-    kdtype = kernel_dtype(image.dtype, backend, image.device)
-    sdtype = compute_dtype(kdtype)
-    device = image.device
-    scale = as_scalar_tensor(inputs.scale, sdtype, device)
-    bias = as_scalar_tensor(0.0 if inputs.bias is None else inputs.bias, sdtype, device)
-    cast = lambda x: x.to(kdtype).contiguous()  # noqa: E731
+    ops = Operands.of(image, backend)
+    cast = ops.cast
+    scale = ops.scalar(inputs.scale)
+    bias = ops.scalar(0.0 if inputs.bias is None else inputs.bias)
     teacher = batch.teacher
     tq = tk = tscale = tbias = None
     if teacher is not None:
         tq, tk = cast(teacher.image), cast(teacher.text)
-        tscale = as_scalar_tensor(teacher.scale, sdtype, device).detach()
+        tscale = ops.scalar(teacher.scale).detach()
         if teacher.bias is not None:
-            tbias = as_scalar_tensor(teacher.bias, sdtype, device).detach()
+            tbias = ops.scalar(teacher.bias).detach()
     as_labels = lambda x: None if x is None else x.to(torch.int64).contiguous()  # noqa: E731
     with_grads = _needs_grads(image, batch.text, inputs.scale, inputs.bias)
     pairs = functools.partial(sigmoid_pairs, backend=backend, chunk_rows=inputs.chunk_rows)
