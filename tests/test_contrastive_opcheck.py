@@ -5,24 +5,15 @@ import pytest
 import torch
 
 import calrft_kernels.contrastive  # noqa: F401  (registers the ops)
+from _op_util import pair_operands
 
 BACKENDS = ["cpu", "triton", "chunked", "reference"]
 
 
 def _args(teacher, with_cols, backend, dtype=torch.float32, requires_grad=True):
-    gen = torch.Generator().manual_seed(0)
-    m, n, d = 7, 5, 3
-    q = torch.randn(m, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
-    k = torch.randn(n, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
-    scale = torch.tensor(2.5, dtype=dtype).requires_grad_(requires_grad)
-    bias = torch.tensor(-0.5, dtype=dtype).requires_grad_(requires_grad)
-    if teacher:
-        tq, tk = torch.randn(m, 4, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen,
-                                                                          dtype=dtype)
-        tscale = torch.tensor(1.5, dtype=dtype)
-    else:
-        tq = tk = tscale = None
-    return (q, k, scale, bias, tq, tk, tscale, with_cols, backend, 3 if backend == "chunked" else 0)
+    x = pair_operands(teacher, dtype, requires_grad)
+    return (x.q, x.k, x.scale, x.bias, x.tq, x.tk, x.tscale, with_cols, backend,
+            3 if backend == "chunked" else 0)
 
 
 @pytest.mark.parametrize("with_cols", [True, False])

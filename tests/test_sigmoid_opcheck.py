@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _op_util import pair_operands
 from calrft_kernels import sigmoid_loss, testing
 from calrft_kernels.sigmoid import sigmoid_pairs  # noqa: F401  (registers the op)
 
@@ -13,23 +14,13 @@ BACKENDS = ["cpu", "reference"]
 
 
 def _args(backend, teacher, labels, with_grads, dtype=torch.float32, requires_grad=True):
-    gen = torch.Generator().manual_seed(0)
-    m, n, d = 7, 5, 3
-    q = torch.randn(m, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
-    k = torch.randn(n, d, generator=gen, dtype=dtype).requires_grad_(requires_grad)
-    scale = torch.tensor(2.5, dtype=dtype).requires_grad_(requires_grad)
-    bias = torch.tensor(-0.5, dtype=dtype).requires_grad_(requires_grad)
+    x = pair_operands(teacher, dtype, requires_grad)
     qlab = klab = None
     if labels:
-        qlab = torch.randint(0, 3, (m,), generator=gen)
-        klab = torch.randint(0, 3, (n,), generator=gen)
-    tq = tk = tscale = tbias = None
-    if teacher:
-        tq, tk = torch.randn(m, 4, generator=gen, dtype=dtype), torch.randn(n, 4, generator=gen,
-                                                                          dtype=dtype)
-        tscale, tbias = torch.tensor(1.5, dtype=dtype), torch.tensor(-1.0, dtype=dtype)
-    return (q, k, scale, bias, qlab, klab, 1, tq, tk, tscale, tbias, 0.8 if teacher else 0.0,
-            with_grads, backend, 3)
+        qlab = torch.randint(0, 3, (x.q.shape[0],), generator=x.gen)
+        klab = torch.randint(0, 3, (x.k.shape[0],), generator=x.gen)
+    return (x.q, x.k, x.scale, x.bias, qlab, klab, 1, x.tq, x.tk, x.tscale, x.tbias,
+            0.8 if teacher else 0.0, with_grads, backend, 3)
 
 
 @pytest.mark.parametrize("with_grads", [True, False])
