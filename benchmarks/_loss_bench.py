@@ -165,3 +165,25 @@ def get(results, method, B):
         if r["method"] == method and r["B"] == B and "seconds" in r:
             return r
     return None
+
+
+def unit_features(B: int, d: int, seed: int = 0):
+    """A make_step's inputs: (features, gen), where features() draws the next seeded [B, d]
+    fp32 block of unit rows from gen (the student's, then the teacher's and any other draws of
+    that step, in the order they are made)."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def features():
+        return F.normalize(torch.randn(B, d, generator=gen), dim=1)
+    return features, gen
+
+
+def clearer(*leaves):
+    """A make_step's `clear`: drop the gradients of its leaves."""
+    def clear():
+        for x in leaves:
+            x.grad = None
+    return clear

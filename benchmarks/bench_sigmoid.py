@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
 from benchmarks._common import mem_available_bytes  # noqa: E402
-from benchmarks._loss_bench import LossBench, get  # noqa: E402
+from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
 
 SIZES = (1024, 4096, 8192, 16384)
 METHODS = ("3mm", "fused", "open_clip", "fused+distill")
@@ -41,13 +41,8 @@ BYTES_PER_B2 = {"open_clip": 4 * 5, "3mm": 4 * 2}
 
 def _make_step(method, B, d, seed=0):
     import torch
-    import torch.nn.functional as F
 
-    gen = torch.Generator().manual_seed(seed)
-
-    def features():
-        return F.normalize(torch.randn(B, d, generator=gen), dim=1)
-
+    features, gen = unit_features(B, d, seed)
     img, txt = features().requires_grad_(), features().requires_grad_()
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
@@ -78,10 +73,7 @@ def _make_step(method, B, d, seed=0):
     else:
         raise ValueError(method)
 
-    def clear():
-        for x in (img, txt, scale, bias):
-            x.grad = None
-    return step, clear
+    return step, clearer(img, txt, scale, bias)
 
 
 BENCH = LossBench(__file__, _make_step, BYTES_PER_B2)
