@@ -113,9 +113,12 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",                       # .safetensors weights (calrft eval / wise-ft)
     "matplotlib>=3.9",                        # report and WiSE-FT plots
 ]
-# Optional parts: `pip install calrft-kernels[webdataset]`.
+# Optional parts: `pip install calrft-kernels[webdataset]`, `calrft-kernels[open-clip-train]`.
 EXTRAS_REQUIRE = {
     "webdataset": ["webdataset>=1.0"],        # --train-data shards; shard evaluation sets
+    # calrft-open-clip-train: open_clip_train's data loading imports pandas and webdataset,
+    # which open_clip_torch's base install does not bring
+    "open-clip-train": ["pandas>=2.2", "webdataset>=1.0"],
 }
 
 packages = find_packages(include=["calrft_kernels", "calrft_kernels.*"])
@@ -139,5 +142,8 @@ setup(
     python_requires=">=3.11",                  # tomllib (--config FILE.toml)
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["calrft=calrft.cli:main"]},
+    entry_points={"console_scripts": [
+        "calrft=calrft.cli:main",
+        "calrft-open-clip-train=calrft_kernels.integrations.open_clip_train:main",
+    ]},
 )

@@ -7,12 +7,12 @@ sigmoid loss has no CUDA kernel yet and says so).
 from ._backend import device_checks  # first: it loads torch, then the native extension
 from .contrastive import contrastive_loss
 from .sigmoid import sigmoid_loss
-from .losses import CaRotLoss, ClipLoss, SigLipLoss
+from .losses import CaRotLoss, ClipLoss, DistillClipLoss, SigLipLoss
 from .covariance import CovarianceAccumulator, batch_covariance
 from .eigen import covariance_sigma_min, smallest_eigenvalue, smallest_singular_value
 from .orthogonality import orthogonality_loss
 
-__all__ = ["contrastive_loss", "ClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss",
+__all__ = ["contrastive_loss", "ClipLoss", "DistillClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss",
            "batch_covariance", "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
            "smallest_singular_value", "orthogonality_loss", "device_checks"]
 __version__ = "0.1.0"

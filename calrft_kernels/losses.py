@@ -1,16 +1,17 @@
-"""nn.Module losses: ClipLoss (drop-in for open_clip.loss.ClipLoss), SigLipLoss (drop-in for
-open_clip.loss.SigLipLoss) and CaRotLoss (the whole per-step CaRot objective). They compose the
+"""nn.Module losses: ClipLoss, DistillClipLoss and SigLipLoss (drop-ins for open_clip.loss's
+classes of those names) and CaRotLoss (the whole per-step CaRot objective). They compose the
 package's ops; none computes a kernel itself."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .contrastive import (ContrastiveInputs, GlobalBatch, check_weight, contrastive_terms,
-                          with_rows)
+from .contrastive import (ContrastiveInputs, ContrastiveTerms, GlobalBatch, check_weight,
+                          contrastive_terms, with_rows)
 from .distributed import gather_no_grad, gather_with_grad, world
 from .eigen import covariance_sigma_min
 from .orthogonality import orthogonality_loss
@@ -45,23 +46,29 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
+        terms, inputs = self._terms(image_features, text_features, logit_scale, logit_bias)
+        loss = terms.contrastive.to(inputs.image.dtype)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _terms(self, image_features, text_features, logit_scale, logit_bias=None,
+               **teacher) -> tuple[ContrastiveTerms, ContrastiveInputs]:
+        """The fused terms of this rank in open_clip's gather mode (teacher: the
+        teacher_* arguments of contrastive_loss, for DistillClipLoss)."""
         distributed = self.world_size > 1
         group = dist.group.WORLD if distributed and self.gather_with_grad and self.local_loss \
             else None
         inputs = ContrastiveInputs.validate(image_features, text_features, logit_scale,
                                             logit_bias, process_group=group,
-                                            backend=self.backend)
+                                            backend=self.backend, **teacher)
         if distributed and group is None:
             inputs, batch = self._open_clip_gather(inputs)
-            terms = contrastive_terms(inputs, batch)
-        else:
-            terms = contrastive_terms(inputs)
-        loss = terms.contrastive.to(inputs.image.dtype)
-        return {"contrastive_loss": loss} if output_dict else loss
+            return contrastive_terms(inputs, batch), inputs
+        return contrastive_terms(inputs), inputs
 
     def _open_clip_gather(self, inputs: ContrastiveInputs):
         """open_clip's other three gather modes: (local inputs, the batch they are scored
-        against), with open_clip's gradient paths."""
+        against), with open_clip's gradient paths. A teacher's features are gathered without
+        gradients (open_clip gathers them like the student's, and they have none)."""
         group = dist.group.WORLD
         image, text = inputs.image, inputs.text
         rank, _ = world(group)
@@ -73,10 +80,38 @@ class ClipLoss(nn.Module):
             if not self.local_loss:  # open_clip splices the local rows back in with their grads
                 image_all = torch.cat([image_all[:rank * n], image, image_all[(rank + 1) * n:]])
                 text_all = torch.cat([text_all[:rank * n], text, text_all[(rank + 1) * n:]])
+        teacher = inputs.teacher
+        if teacher is not None:
+            teacher = dataclasses.replace(teacher, image=gather_no_grad(teacher.image, group),
+                                          text=gather_no_grad(teacher.text, group))
         if self.local_loss:
-            return inputs, GlobalBatch(image_all, text_all, rank * n)
+            return inputs, GlobalBatch(image_all, text_all, rank * n, teacher=teacher)
         # every rank computes the loss of the whole global batch
-        return with_rows(inputs, image_all, text_all), GlobalBatch(image_all, text_all, 0)
+        return (with_rows(inputs, image_all, text_all),
+                GlobalBatch(image_all, text_all, 0, teacher=teacher))
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip.loss.DistillClipLoss with the same constructor, forward and outputs: CLIP's
+    loss plus the distillation term open_clip_train uses with --distill-model, both from one
+    fused pass (contrastive_loss's teacher terms; no B x B logits for student or teacher).
+
+    distill_loss is open_clip's: the mean of both directions' soft cross-entropy to the teacher's
+    softmax, 0.5 (SD_rows + SD_cols), i.e. half of contrastive_loss's distillation term. Every
+    gather mode of ClipLoss applies, to the teacher's features too."""
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                dist_image_features: Tensor, dist_text_features: Tensor, dist_logit_scale,
+                output_dict: bool = False):
+        terms, inputs = self._terms(image_features, text_features, logit_scale,
+                                    teacher_image_features=dist_image_features,
+                                    teacher_text_features=dist_text_features,
+                                    teacher_logit_scale=dist_logit_scale, distill_weight=1.0)
+        dtype = inputs.image.dtype
+        contrastive, distill = terms.contrastive.to(dtype), (0.5 * terms.distillation).to(dtype)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class SigLipLoss(nn.Module):
