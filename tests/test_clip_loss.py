@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from calrft_kernels import ClipLoss
+from calrft_kernels import ClipLoss, DistillClipLoss
 
 
 def features(b, d, dtype=torch.float32, seed=0):
@@ -67,3 +67,49 @@ def test_every_backend_matches_open_clip(backend):
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-6)
+
+
+# ---- DistillClipLoss (open_clip_train --distill-model) ---------------------------------------
+
+def test_distill_clip_loss_has_open_clips_signature():
+    ours, theirs = DistillClipLoss, open_clip.loss.DistillClipLoss
+    assert [p for p in inspect.signature(ours.__init__).parameters if p != "backend"] == \
+        list(inspect.signature(theirs.__init__).parameters)
+    assert list(inspect.signature(ours.forward).parameters) == \
+        list(inspect.signature(theirs.forward).parameters)
+
+
+@pytest.mark.parametrize("b,d,dt", [(1, 4, 3), (13, 32, 32), (70, 16, 24)])
+@pytest.mark.parametrize("output_dict", [False, True])
+def test_distill_clip_loss_matches_open_clip(b, d, dt, output_dict):
+    """Both terms and every gradient (student features and scale), float64; the teacher has its
+    own width and scale and gets no gradient."""
+    gen = torch.Generator().manual_seed(b)
+    unit = lambda width: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(b, width, generator=gen, dtype=torch.float64), dim=1)
+    image, text, t_image, t_text = unit(d), unit(d), unit(dt), unit(dt)
+    results = []
+    for cls in (DistillClipLoss, open_clip.loss.DistillClipLoss):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
+                  torch.tensor(14.3, dtype=torch.float64, requires_grad=True)]
+        out = cls()(*leaves, t_image, t_text, torch.tensor(20.0, dtype=torch.float64),
+                    output_dict=output_dict)
+        terms = [out["contrastive_loss"], out["distill_loss"]] if output_dict else list(out)
+        assert isinstance(out, dict) == output_dict and len(terms) == 2
+        results.append(terms + list(torch.autograd.grad(sum(terms), leaves)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_distill_clip_loss_keeps_the_features_dtype():
+    image, text = features(9, 8, dtype=torch.bfloat16)
+    t_image, t_text = features(9, 8, dtype=torch.bfloat16, seed=1)
+    ours = DistillClipLoss()(image, text, torch.tensor(10.0), t_image, t_text,
+                             torch.tensor(10.0))
+    theirs = open_clip.loss.DistillClipLoss()(image.double(), text.double(),
+                                              torch.tensor(10.0, dtype=torch.float64),
+                                              t_image.double(), t_text.double(),
+                                              torch.tensor(10.0, dtype=torch.float64))
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, rtol=1e-2, atol=1e-2)

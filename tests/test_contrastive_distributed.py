@@ -1,11 +1,12 @@
 """Two gloo processes on CPU: contrastive_loss(process_group=...) and ClipLoss against the
-single-process loss on the concatenated batch, and against open_clip's own distributed ClipLoss."""
+single-process loss on the concatenated batch, and against open_clip's own distributed ClipLoss
+and DistillClipLoss."""
 import pytest
 import torch
 import torch.distributed as dist
 
 from _dist_util import assert_ranks_equal_one_process, spawn_with_retry
-from calrft_kernels import ClipLoss, contrastive_loss
+from calrft_kernels import ClipLoss, DistillClipLoss, contrastive_loss
 
 WORLD = 2
 BACKENDS = ("cpu", "chunked", "reference")
@@ -60,22 +61,31 @@ def _worker(rank, world):
 
 
 def _clip_loss_modes(batch, rows, rank):
-    """Our ClipLoss vs open_clip's, on this rank, in each of open_clip's gather modes."""
+    """Our ClipLoss and DistillClipLoss vs open_clip's, on this rank, in each of open_clip's
+    gather modes: {(loss name, local_loss, gather_with_grad): [ours, theirs]}, each (terms...,
+    d image, d text, d scale)."""
     import open_clip
     out = {}
-    for local_loss in (False, True):
-        for gather_with_grad in (False, True):
-            results = []
-            for cls in (ClipLoss, open_clip.loss.ClipLoss):
-                image = batch["image"][rows].clone().requires_grad_()
-                text = batch["text"][rows].clone().requires_grad_()
-                scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-                module = cls(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                             rank=rank, world_size=WORLD)
-                loss = module(image, text, scale)
-                loss.backward()
-                results.append((loss.detach(), image.grad, text.grad, scale.grad))
-            out[(local_loss, gather_with_grad)] = results
+    pairs = {"ClipLoss": (ClipLoss, open_clip.loss.ClipLoss),
+             "DistillClipLoss": (DistillClipLoss, open_clip.loss.DistillClipLoss)}
+    for name, classes in pairs.items():
+        teacher = () if name == "ClipLoss" else (batch["t_image"][rows], batch["t_text"][rows],
+                                                 torch.tensor(4.0, dtype=torch.float64))
+        for local_loss in (False, True):
+            for gather_with_grad in (False, True):
+                results = []
+                for cls in classes:
+                    image = batch["image"][rows].clone().requires_grad_()
+                    text = batch["text"][rows].clone().requires_grad_()
+                    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+                    module = cls(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                 rank=rank, world_size=WORLD)
+                    terms = module(image, text, scale, *teacher)
+                    terms = list(terms) if isinstance(terms, tuple) else [terms]
+                    sum(terms).backward()
+                    results.append([t.detach() for t in terms]
+                                   + [image.grad, text.grad, scale.grad])
+                out[(name, local_loss, gather_with_grad)] = results
     return out
 
 
@@ -94,8 +104,10 @@ def test_two_gloo_ranks_match_single_process(two_rank_results, option, backend):
     assert_ranks_equal_one_process(ranks, single_loss, single_grads, B_LOCAL)
 
 
-def test_clip_loss_matches_open_clip_in_every_gather_mode(two_rank_results):
-    """Value and gradients on each rank equal open_clip's own distributed ClipLoss."""
+def test_clip_losses_match_open_clip_in_every_gather_mode(two_rank_results):
+    """Values and gradients on each rank equal open_clip's own distributed ClipLoss and
+    DistillClipLoss (whose teacher features are gathered as the student's)."""
+    assert len(two_rank_results[0][1]) == 8
     for r in range(WORLD):
         for mode, (ours, theirs) in two_rank_results[r][1].items():
             for a, b in zip(ours, theirs):

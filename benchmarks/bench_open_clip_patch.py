@@ -1,0 +1,142 @@
+"""CPU benchmark of what calrft_kernels.integrations.open_clip.patch() changes for open_clip's
+users: the losses `open_clip.create_loss(args)` builds (open_clip_train's loss), unpatched and
+patched, on the same features.
+
+Memory (peak extra RSS of one forward+backward, each method in its own subprocess) and time
+(round-robin medians in one process) are measured by benchmarks/_loss_bench.py, as for
+bench_contrastive.py. Unpatched losses materialise B x B logits and never run above B = 16384 on
+this machine (nor where their estimated peak exceeds the memory limit).
+
+Methods (float32 unit features, forward+backward of the sum of the returned terms):
+  ClipLoss, SigLipLoss, DistillClipLoss   open_clip.create_loss(args), open_clip's own classes
+  <name>+patch                            the same call under patch(): the fused drop-ins
+  (args: one process; SigLipLoss with --siglip's scale 10 and bias -10; DistillClipLoss with
+  teacher features of the same width and the teacher's scale 1/0.07)
+
+    prlimit --as=$((16<<30)) python benchmarks/bench_open_clip_patch.py --sizes 4096 8192 16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, ROOT)
+from benchmarks._common import mem_available_bytes  # noqa: E402
+from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
+
+SIZES = (4096, 8192, 16384)
+LOSSES = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
+METHODS = tuple(m for name in LOSSES for m in (name, name + "+patch"))
+# Peak extra bytes per B^2 of the unpatched losses (for skipping sizes that cannot fit), rounded
+# up from this script's own measurements at B = 4096 and 8192: ClipLoss ~4 fp32 B x B buffers
+# (two logits, two log-softmax), SigLipLoss ~5, DistillClipLoss ~10 (student and teacher logits,
+# the teacher's softmax, the products).
+BYTES_PER_B2 = {"ClipLoss": 4 * 6, "SigLipLoss": 4 * 6, "DistillClipLoss": 4 * 12}
+
+
+def _args(name: str):
+    return argparse.Namespace(distill=name == "DistillClipLoss", model="ViT-B-32",
+                              siglip=name == "SigLipLoss", local_loss=False,
+                              gather_with_grad=False, rank=0, world_size=1, horovod=False,
+                              loss_dist_impl=None, coca_caption_loss_weight=2.0,
+                              coca_contrastive_loss_weight=1.0)
+
+
+def build_loss(method: str):
+    """The loss open_clip.create_loss builds for `method`, under the patch for "+patch"."""
+    import open_clip
+    from calrft_kernels.integrations.open_clip import patch
+    name, patched = method.removesuffix("+patch"), method.endswith("+patch")
+    if not patched:
+        return open_clip.create_loss(_args(name))
+    with patch():
+        return open_clip.create_loss(_args(name))
+
+
+def _make_step(method, B, d, seed=0):
+    import torch
+
+    features, _ = unit_features(B, d, seed)
+    img, txt = features().requires_grad_(), features().requires_grad_()
+    name = method.removesuffix("+patch")
+    siglip = name == "SigLipLoss"
+    scale = torch.tensor(10.0 if siglip else 1 / 0.07, requires_grad=True)
+    leaves = [img, txt, scale]
+    kwargs = dict(image_features=img, text_features=txt, logit_scale=scale, output_dict=True)
+    if siglip:
+        kwargs["logit_bias"] = torch.tensor(-10.0, requires_grad=True)
+        leaves.append(kwargs["logit_bias"])
+    if name == "DistillClipLoss":
+        kwargs.update(dist_image_features=features(), dist_text_features=features(),
+                      dist_logit_scale=torch.tensor(1 / 0.07))
+    loss_fn = build_loss(method)
+    assert type(loss_fn).__module__ == ("calrft_kernels.losses" if method.endswith("+patch")
+                                        else "open_clip.loss"), type(loss_fn)
+
+    def step():
+        sum(loss_fn(**kwargs).values()).backward()
+
+    return step, clearer(*leaves)
+
+
+BENCH = LossBench(__file__, _make_step, BYTES_PER_B2)
+
+
+def table(results, sizes):
+    lines = ["| B | d | loss | open_clip fwd+bwd s | patched s | patched / open_clip | "
+             "open_clip extra peak MiB | patched extra peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for B in sizes:
+        for name in LOSSES:
+            theirs, ours = get(results, name, B), get(results, name + "+patch", B)
+            if ours is None:
+                continue
+            if theirs is None:
+                why = next((r.get("skipped") or "error" for r in results
+                            if r["method"] == name and r["B"] == B), "not run")
+                lines.append(f"| {B} | {ours['d']} | {name} | skipped ({why}) | "
+                             f"{ours['seconds']:.3f} | | | {ours['extra_mib']:.0f} |")
+                continue
+            runs = f" (median of {ours['runs']})" if ours["runs"] > 1 else " (1 run)"
+            lines.append(f"| {B} | {ours['d']} | {name} | {theirs['seconds']:.3f} | "
+                         f"{ours['seconds']:.3f}{runs} | {ours['seconds'] / theirs['seconds']:.2f}x"
+                         f" | {theirs['extra_mib']:.0f} | {ours['extra_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3, help="round-robin rounds for B <= 8192")
+    ap.add_argument("--big-reps", type=int, default=1,
+                    help="round-robin rounds for B > 8192 (0: the single memory run only)")
+    ap.add_argument("--limit-gib", type=float, default=12.0,
+                    help="skip configs whose estimated memory exceeds this "
+                         "(or 80%% of MemAvailable)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--md", default=None, help="also write the table (and raw JSON) here")
+    LossBench.add_child_arguments(ap)
+    args = ap.parse_args(argv)
+    if BENCH.main_child(args):
+        return
+    limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
+    print(f"sizes {args.sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
+    results = BENCH.measure(args.sizes, list(args.methods), args.d, args.reps, args.big_reps,
+                            limit, args.timeout)
+    text = table(results, args.sizes)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n```json\n"
+                    + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
