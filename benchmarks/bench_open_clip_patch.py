@@ -33,9 +33,9 @@ SIZES = (4096, 8192, 16384)
 LOSSES = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
 METHODS = tuple(m for name in LOSSES for m in (name, name + "+patch"))
 # Peak extra bytes per B^2 of the unpatched losses (for skipping sizes that cannot fit), rounded
-# up from this script's own measurements at B = 4096 and 8192: ClipLoss ~4 fp32 B x B buffers
-# (two logits, two log-softmax), SigLipLoss ~5, DistillClipLoss ~10 (student and teacher logits,
-# the teacher's softmax, the products).
+# up from this script's measurements at B = 4096 ... 16384 (results/open_clip_patch_cpu.md):
+# ClipLoss ~16 (two logits, two log-softmax), SigLipLoss ~20, DistillClipLoss ~45 (student and
+# teacher logits, the teacher's softmax, the products).
 BYTES_PER_B2 = {"ClipLoss": 4 * 6, "SigLipLoss": 4 * 6, "DistillClipLoss": 4 * 12}
 
 
