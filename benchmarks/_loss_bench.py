@@ -1,8 +1,9 @@
 """The CPU loss-benchmark harness shared by bench_contrastive.py and bench_sigmoid.py (one copy).
 
 A benchmark script supplies `make_step(method, B, d) -> (step, clear)` (one forward+backward and
-the clearing of its gradients) and calls `LossBench.main_child(args)` first in its main, so that
-the same script serves as the child process:
+the clearing of its gradients) and a `table(results, sizes)`; `LossBench.main` is then its whole
+command line (the options of `add_arguments`), and the same script serves as the child process
+(`LossBench.main_child`, which a script with its own main calls first):
 
 - Memory: every (method, B) runs once in a fresh subprocess, so its peak is its own: the child
   builds the inputs, warms up at a small batch, resets the peak-RSS counter (/proc/self/clear_refs)
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks._common import proc_status_kib, reset_peak_rss
+from benchmarks._common import mem_available_bytes, proc_status_kib, reset_peak_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MATERIALISED_B = 16384  # at 65536 one fp32 B x B buffer is 16 GiB
@@ -101,6 +102,30 @@ class LossBench:
                         help=argparse.SUPPRESS)
         ap.add_argument("--child-times", nargs="+", help=argparse.SUPPRESS)
 
+    # ---- the command line of a loss benchmark script ----------------------------------------
+    def main(self, argv, doc: str, table, sizes, methods, *, reps: int, big_reps: int) -> None:
+        """Parse the standard options (add_arguments), run as the child when started as one, else
+        measure, print the table and write it with --md."""
+        ap = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+        add_arguments(ap, sizes, methods, reps=reps, big_reps=big_reps)
+        args = ap.parse_args(argv)
+        if self.main_child(args):
+            return
+        results = self.measure_args(args, args.sizes, list(args.methods))
+        text = table(results, args.sizes)
+        print(text)
+        if args.md:
+            write_md(args.md, text, results)
+
+    def measure_args(self, args, sizes, methods) -> list:
+        """measure() with the options of add_arguments; the memory limit is --limit-gib or 80%
+        of MemAvailable, whichever is lower."""
+        limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
+        print(f"sizes {sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
+        return self.measure(sizes, methods, args.d, args.reps, args.big_reps, limit,
+                            args.timeout)
+
     # ---- parent side ------------------------------------------------------------------------
     def _run(self, args, timeout):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -157,6 +182,30 @@ class LossBench:
                                  runs=n)
                 print("   round-robin medians:", json.dumps(medians), flush=True)
         return results
+
+
+def add_arguments(ap, sizes, methods, *, reps: int, big_reps: int, extra_methods=()) -> None:
+    """The options every loss benchmark script takes (and the hidden ones of its child)."""
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
+    ap.add_argument("--methods", nargs="+", default=list(methods),
+                    choices=tuple(methods) + tuple(extra_methods))
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=reps, help="round-robin rounds for B <= 8192")
+    ap.add_argument("--big-reps", type=int, default=big_reps,
+                    help="round-robin rounds for B > 8192 (0: the single memory run only)")
+    ap.add_argument("--limit-gib", type=float, default=12.0,
+                    help="skip configs whose estimated memory exceeds this "
+                         "(or 80%% of MemAvailable)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--md", default=None, help="also write the table (and raw JSON) here")
+    LossBench.add_child_arguments(ap)
+
+
+def write_md(path: str, text: str, results: list) -> None:
+    """The table with the command that produced it and the raw results (JSON lines)."""
+    with open(path, "w") as f:
+        f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n```json\n"
+                + "\n".join(json.dumps(r) for r in results) + "\n```\n")
 
 
 def get(results, method, B):

@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._common import mem_available_bytes  # noqa: E402
-from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
+from benchmarks._loss_bench import (LossBench, add_arguments, clearer, get,  # noqa: E402
+                                     unit_features, write_md)
 
 SIZES = (1024, 4096, 8192, 16384, 65536)
 METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
@@ -154,31 +154,19 @@ def plot(results, sizes, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    add_arguments(ap, SIZES, METHODS, reps=5, big_reps=2, extra_methods=("none",))
     ap.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("none",))
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=5, help="round-robin rounds for B <= 8192")
-    ap.add_argument("--big-reps", type=int, default=2,
-                    help="round-robin rounds for B > 8192 (0: the single memory run only)")
-    ap.add_argument("--limit-gib", type=float, default=12.0,
-                    help="skip configs whose estimated memory exceeds this (or 80%% of MemAvailable)")
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--md", default=None, help="also write the table here")
     ap.add_argument("--json", default=None, help="also write the raw results here (JSON lines)")
     ap.add_argument("--load", nargs="+", default=[],
                     help="JSON-lines files of earlier runs to table/plot with this one "
                          "(use --sizes with no new measurement: --methods none)")
     ap.add_argument("--png", default=os.path.join(HERE, "contrastive_cpu.png"))
-    LossBench.add_child_arguments(ap)
     args = ap.parse_args(argv)
     if BENCH.main_child(args):
         return
     sizes = [1024, 4096] if args.quick else args.sizes
-    limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
-    print(f"sizes {sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
     methods = [m for m in args.methods if m != "none"]
-    results = BENCH.measure(sizes, methods, args.d, args.reps, args.big_reps, limit, args.timeout)
+    results = BENCH.measure_args(args, sizes, methods)
     if args.json:
         with open(args.json, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in results))
@@ -189,9 +177,7 @@ def main(argv=None):
     text = table(results, sizes)
     print(text)
     if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n```json\n"
-                    + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+        write_md(args.md, text, results)
     if args.png:
         plot(results, sizes, args.png)
         print("plot:", args.png)

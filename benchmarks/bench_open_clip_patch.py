@@ -18,7 +18,6 @@ Methods (float32 unit features, forward+backward of the sum of the returned term
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._common import mem_available_bytes  # noqa: E402
 from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
 
 SIZES = (4096, 8192, 16384)
@@ -110,32 +108,7 @@ def table(results, sizes):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=3, help="round-robin rounds for B <= 8192")
-    ap.add_argument("--big-reps", type=int, default=1,
-                    help="round-robin rounds for B > 8192 (0: the single memory run only)")
-    ap.add_argument("--limit-gib", type=float, default=12.0,
-                    help="skip configs whose estimated memory exceeds this "
-                         "(or 80%% of MemAvailable)")
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--md", default=None, help="also write the table (and raw JSON) here")
-    LossBench.add_child_arguments(ap)
-    args = ap.parse_args(argv)
-    if BENCH.main_child(args):
-        return
-    limit = min(args.limit_gib * 2**30, 0.8 * mem_available_bytes())
-    print(f"sizes {args.sizes}, d={args.d}, memory limit {limit / 2**30:.1f} GiB", flush=True)
-    results = BENCH.measure(args.sizes, list(args.methods), args.d, args.reps, args.big_reps,
-                            limit, args.timeout)
-    text = table(results, args.sizes)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n```json\n"
-                    + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+    BENCH.main(argv, __doc__, table, SIZES, METHODS, reps=3, big_reps=1)
 
 
 if __name__ == "__main__":

@@ -229,3 +229,17 @@ def test_console_main_says_how_to_install_open_clip_train_dependencies(monkeypat
     with pytest.raises(SystemExit, match=r"pip install 'calrft-kernels\[open-clip-train\]'"):
         console.main(["--model", "RN50"])
     assert integration.active_patch() is None
+
+
+# ---- the memory benchmark's plumbing (benchmarks/bench_open_clip_patch.py) -----------------
+
+@pytest.mark.parametrize("method", ["ClipLoss", "SigLipLoss+patch", "DistillClipLoss+patch"])
+def test_benchmark_builds_the_loss_it_names_and_leaves_open_clip_unpatched(method):
+    from benchmarks import bench_open_clip_patch as bench
+    step, clear = bench._make_step(method, 16, 8)   # asserts the class it built
+    step()
+    clear()
+    assert integration.active_patch() is None
+    table = bench.table([dict(method=m, B=16, d=8, runs=1, seconds=1.0, extra_mib=1.0)
+                         for m in bench.METHODS], [16])
+    assert table.count("| 16 | 8 |") == len(bench.LOSSES)
