@@ -12,7 +12,8 @@ from .covariance import CovarianceAccumulator, batch_covariance
 from .eigen import covariance_sigma_min, smallest_eigenvalue, smallest_singular_value
 from .orthogonality import orthogonality_loss
 
-__all__ = ["contrastive_loss", "ClipLoss", "DistillClipLoss", "CaRotLoss", "sigmoid_loss", "SigLipLoss",
-           "batch_covariance", "CovarianceAccumulator", "smallest_eigenvalue", "covariance_sigma_min",
-           "smallest_singular_value", "orthogonality_loss", "device_checks"]
+__all__ = ["contrastive_loss", "ClipLoss", "DistillClipLoss", "CaRotLoss", "sigmoid_loss",
+           "SigLipLoss", "batch_covariance", "CovarianceAccumulator", "smallest_eigenvalue",
+           "covariance_sigma_min", "smallest_singular_value", "orthogonality_loss",
+           "device_checks"]
 __version__ = "0.1.0"

@@ -10,8 +10,8 @@ same numbers without the B x B logits. The names are replaced where open_clip lo
 code that constructs `open_clip.ClipLoss(...)` after the patch gets the fused loss too (a name
 bound by `from open_clip import ClipLoss` before the patch keeps open_clip's class).
 What the fused ops do not compute stays open_clip's own: CoCaLoss (its caption loss; its
-contrastive half is open_clip's ClipLoss through inheritance), and horovod, which the fused
-losses refuse with a ValueError.
+contrastive half is open_clip's ClipLoss through inheritance). Horovod (use_horovod=True,
+open_clip_train --horovod) is refused by the fused losses with a ValueError.
 
 `patch()` checks before it changes anything: every name must exist, `create_loss` must look
 the replaced names up, and each replacement must take every argument open_clip's class takes.
