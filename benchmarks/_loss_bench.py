@@ -208,6 +208,20 @@ def write_md(path: str, text: str, results: list) -> None:
                 + "\n".join(json.dumps(r) for r in results) + "\n```\n")
 
 
+def skip_reason(result: dict) -> str:
+    """Why a result has no time: the reason it was skipped, or its child's error line."""
+    return result.get("skipped") or ("error: " + " ".join(result.get("error", [])))
+
+
+def at_size(results, B, methods):
+    """(method, result) for each of `methods` that has a result at B, in the order given (a
+    result without "seconds" was skipped or failed: skip_reason says why)."""
+    for method in methods:
+        r = next((x for x in results if x["method"] == method and x["B"] == B), None)
+        if r is not None:
+            yield method, r
+
+
 def get(results, method, B):
     """The result of (method, B) that has a time, or None."""
     for r in results:

@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._loss_bench import (LossBench, add_arguments, clearer, get,  # noqa: E402
-                                     unit_features, write_md)
+from benchmarks._loss_bench import (LossBench, add_arguments, at_size, clearer,  # noqa: E402
+                                     get, skip_reason, unit_features, write_md)
 
 SIZES = (1024, 4096, 8192, 16384, 65536)
 METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
@@ -101,13 +101,9 @@ def table(results, sizes):
     for B in sizes:
         unit, extrapolated = unit_seconds(results, B)
         oc, naive = get(results, "open_clip", B), get(results, "naive CaRot", B)
-        for method in METHODS:
-            r = next((x for x in results if x["method"] == method and x["B"] == B), None)
-            if r is None:
-                continue
+        for method, r in at_size(results, B, METHODS):
             if "seconds" not in r:
-                why = r.get("skipped") or ("error: " + " ".join(r.get("error", [])))
-                lines.append(f"| {B} | {method} | skipped ({why}) | | | | |")
+                lines.append(f"| {B} | {method} | skipped ({skip_reason(r)}) | | | | |")
                 continue
             vs_oc = (f"{r['seconds'] / oc['seconds']:.2f}x"
                      if oc and method in ("fused", "chunked") else "")

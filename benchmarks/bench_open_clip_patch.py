@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
+from benchmarks._loss_bench import (LossBench, at_size, clearer, get,  # noqa: E402
+                                     skip_reason, unit_features)
 
 SIZES = (4096, 8192, 16384)
 LOSSES = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
@@ -95,8 +96,7 @@ def table(results, sizes):
             if ours is None:
                 continue
             if theirs is None:
-                why = next((r.get("skipped") or "error" for r in results
-                            if r["method"] == name and r["B"] == B), "not run")
+                why = next((skip_reason(r) for _, r in at_size(results, B, [name])), "not run")
                 lines.append(f"| {B} | {ours['d']} | {name} | skipped ({why}) | "
                              f"{ours['seconds']:.3f} | | | {ours['extra_mib']:.0f} |")
                 continue

@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._loss_bench import LossBench, clearer, get, unit_features  # noqa: E402
+from benchmarks._loss_bench import (LossBench, at_size, clearer, get,  # noqa: E402
+                                     skip_reason, unit_features)
 
 SIZES = (1024, 4096, 8192, 16384)
 METHODS = ("3mm", "fused", "open_clip", "fused+distill")
@@ -81,13 +82,9 @@ def table(results, sizes):
              "|---|---|---|---|---|---|---|"]
     for B in sizes:
         oc, bound = get(results, "open_clip", B), get(results, "3mm", B)
-        for method in METHODS:
-            r = next((x for x in results if x["method"] == method and x["B"] == B), None)
-            if r is None:
-                continue
+        for method, r in at_size(results, B, METHODS):
             if "seconds" not in r:
-                why = r.get("skipped") or ("error: " + " ".join(r.get("error", [])))
-                lines.append(f"| {B} | | {method} | skipped ({why}) | | | |")
+                lines.append(f"| {B} | | {method} | skipped ({skip_reason(r)}) | | | |")
                 continue
             vs_oc = (f"{r['seconds'] / oc['seconds']:.2f}x"
                      if oc and method == "fused" else "")

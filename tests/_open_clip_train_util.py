@@ -80,11 +80,14 @@ def child_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
 
 
+def torchrun(nproc: int) -> list:
+    """The command head that starts what follows on `nproc` local processes (torchrun)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(nproc)]
+
+
 def command(mode: str, record: Path, flags: list, nproc: int = 1) -> list:
-    head = [sys.executable]
-    if nproc > 1:
-        head += ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                 "--nproc_per_node", str(nproc)]
+    head = torchrun(nproc) if nproc > 1 else [sys.executable]
     return head + [str(RUNNER), mode, str(record)] + flags
 
 

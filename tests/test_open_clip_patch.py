@@ -2,6 +2,7 @@
 open_clip exactly, bad use, and the console command's wrapper (in-process; the end-to-end
 open_clip_train runs are in test_open_clip_train.py)."""
 import argparse
+import contextlib
 import sys
 
 import open_clip
@@ -125,7 +126,7 @@ def test_patched_loss_gives_open_clips_numbers(kw):
     for patched in (False, True):
         leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
                   torch.tensor(6.0, dtype=torch.float64, requires_grad=True)]
-        with integration.patch() if patched else _nothing():
+        with integration.patch() if patched else contextlib.nullcontext():
             loss_fn = open_clip.create_loss(train_args(**kw))
         out = loss_fn(*leaves, **extra, output_dict=True)
         grads = torch.autograd.grad(sum(out.values()), leaves)
@@ -133,14 +134,6 @@ def test_patched_loss_gives_open_clips_numbers(kw):
     (ours, our_grads), (theirs, their_grads) = results[1], results[0]
     for a, b in zip(ours + list(our_grads), theirs + list(their_grads)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- bad use -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _open_clip_train_util import ADAMW, SGD, base_flags, execute, make_data, run
+from _open_clip_train_util import ADAMW, SGD, base_flags, execute, make_data, run, torchrun
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -109,8 +109,7 @@ def test_torchrun_module_is_the_patched_run(data, runs, tmp_path):
     """torchrun ... -m calrft_kernels.integrations.open_clip_train <open_clip_train's flags>.
     One process: open_clip_train's DistributedDataParallel call takes GPU modules only (2 CPU
     ranks run through the test runner's shim, case local-loss-gather-with-grad-2-ranks)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "1", "-m", "calrft_kernels.integrations.open_clip_train"]
+    cmd = torchrun(1) + ["-m", "calrft_kernels.integrations.open_clip_train"]
     result = execute(cmd + base_flags(data, "torchrun"), tmp_path, "torchrun")
     assert result.stderr.count(SUMMARY) == 1
     plain = runs("clip", "plain")
