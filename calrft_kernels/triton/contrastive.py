@@ -47,8 +47,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_contract import F32, HALF_OR_F32, Launch, Ptr, is_bool, power_of_two
+
 __all__ = ["stats_forward", "stats_backward", "FORWARD_CONFIGS", "BACKWARD_CONFIGS",
-           "INTERPRETER_CONFIG"]
+           "INTERPRETER_CONFIG", "LAUNCHES"]
 
 # Tile shapes for Hopper (sm_90, 228 KB shared memory, 64K registers per SM). BLOCK_D is the
 # reduction chunk over the feature dimension; d = 512 / 768 is walked in 8-24 chunks.
@@ -298,6 +300,75 @@ _stats_bwd = triton.autotune(configs=BACKWARD_CONFIGS, key=_autotune_key,
                              reset_to_zero=["dq_ptr", "dk_ptr"])(_stats_bwd_kernel)
 
 KERNELS = {"forward": _stats_fwd_kernel, "backward": _stats_bwd_kernel}
+
+
+# ---- launch contracts (launch_contract.py) -----------------------------------------------------
+def _n_stats(a) -> int:
+    return 3 if a.HAS_TEACHER else 1
+
+
+def _same_as_q(a):
+    return (a.q_ptr.dtype,)
+
+
+def _is_bucket(size: str):
+    def rule(a) -> bool:
+        n, bucket = getattr(a, size), getattr(a, size + "_BUCKET")
+        return power_of_two(bucket, a) and n <= bucket < 2 * max(n, 1)
+    return rule
+
+
+_OPERANDS = {
+    "q_ptr": Ptr(lambda a: (a.M, a.D), dtypes=HALF_OR_F32),
+    "k_ptr": Ptr(lambda a: (a.N, a.D), dtypes=_same_as_q),
+    "tq_ptr": Ptr(lambda a: (a.M, a.DT), dtypes=_same_as_q, when=lambda a: a.HAS_TEACHER),
+    "tk_ptr": Ptr(lambda a: (a.N, a.DT), dtypes=_same_as_q, when=lambda a: a.HAS_TEACHER),
+    "scale_ptr": Ptr(lambda a: ()), "bias_ptr": Ptr(lambda a: ()),
+    "tscale_ptr": Ptr(lambda a: (), when=lambda a: a.HAS_TEACHER),
+    "row_ptr": Ptr(lambda a: (_n_stats(a), a.M)),
+}
+_RULES = (
+    ("M_BUCKET must be the next power of two of M (the autotuning key)", _is_bucket("M")),
+    ("N_BUCKET must be the next power of two of N (the autotuning key)", _is_bucket("N")),
+    ("DT is 0 without a teacher", lambda a: a.HAS_TEACHER or a.DT == 0),
+)
+_CONSTEXPRS = {
+    "HAS_TEACHER": is_bool, "WITH_COLS": is_bool, "BLOCK_M": power_of_two,
+    "BLOCK_N": power_of_two, "BLOCK_D": power_of_two,
+    # tf32 products only for fp32 operands; 16-bit operands use their own tensor-core path
+    "INPUT_PRECISION": lambda v, a: v == "ieee" or (v == "tf32" and a.q_ptr.dtype in F32),
+}
+_INTS = ("M", "N", "D", "DT", "M_BUCKET", "N_BUCKET")
+_INT32 = ("q_ptr", "k_ptr", "tq_ptr", "tk_ptr")
+
+
+def _row_blocks(a):
+    return (triton.cdiv(a.M, a.BLOCK_M),)
+
+
+LAUNCHES = {
+    "_stats_fwd_kernel": Launch(
+        grid=_row_blocks, ints=_INTS, constexprs=_CONSTEXPRS, rules=_RULES,
+        int32_offsets=_INT32,
+        pointers={
+            **_OPERANDS,
+            # column state: packed (max, sum) words without a teacher, five planes and one lock
+            # per column block with one
+            "col_packed_ptr": Ptr(lambda a: (a.N,), dtypes=(torch.int64,),
+                                  when=lambda a: a.WITH_COLS and not a.HAS_TEACHER),
+            "col_stats_ptr": Ptr(lambda a: (5, a.N), when=lambda a: a.WITH_COLS and a.HAS_TEACHER),
+            "col_lock_ptr": Ptr(lambda a: (triton.cdiv(a.N, a.BLOCK_N),), dtypes=(torch.int32,),
+                                at_least=True, when=lambda a: a.WITH_COLS and a.HAS_TEACHER)}),
+    "_stats_bwd_kernel": Launch(
+        grid=_row_blocks, ints=_INTS, constexprs=_CONSTEXPRS, rules=_RULES,
+        int32_offsets=_INT32 + ("dq_ptr", "dk_ptr"),
+        pointers={
+            **_OPERANDS,
+            "grad_row_ptr": Ptr(lambda a: (_n_stats(a), a.M)),
+            "grad_col_ptr": Ptr(lambda a: (_n_stats(a), a.N), when=lambda a: a.WITH_COLS),
+            "col_ptr": Ptr(lambda a: (_n_stats(a), a.N), when=lambda a: a.WITH_COLS),
+            "dq_ptr": Ptr(lambda a: (a.M, a.D)), "dk_ptr": Ptr(lambda a: (a.N, a.D))}),
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,13 +19,17 @@ kernels run with INTERPRETER_CONFIG (small tiles keep the masks exercised).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["chunk_stats", "chunk_ds", "CONFIGS", "INTERPRETER_CONFIG", "KERNELS"]
+from .launch_contract import HALF_OR_F32, Launch, Ptr, is_bool, power_of_two
+
+__all__ = ["chunk_stats", "chunk_ds", "CONFIGS", "INTERPRETER_CONFIG", "KERNELS", "LAUNCHES"]
 
 # One shipped configuration per kernel (compiled ahead of time for sm_90 in
 # tests/test_triton_aot.py).
@@ -133,6 +137,58 @@ def _chunk_ds_kernel(x_ptr, t_ptr, ds_ptr, scale_ptr, bias_ptr, tscale_ptr, g0_p
 
 
 KERNELS = {"stats": _chunk_stats_kernel, "ds": _chunk_ds_kernel}
+
+
+# ---- launch contracts (launch_contract.py) -----------------------------------------------------
+def _partials(a) -> int:
+    return 5 if a.HAS_TEACHER else 2
+
+
+def _tile_grid(a):
+    return (triton.cdiv(a.C, a.BLOCK_M), triton.cdiv(a.N, a.BLOCK_N))
+
+
+def _teacher(a) -> bool:
+    return a.HAS_TEACHER
+
+
+def _cols(a) -> bool:
+    return a.WITH_COLS
+
+
+_BUFFER = Ptr(lambda a: (a.C, a.N))                      # the fp32 chunk buffer, row-major
+_SCALAR = Ptr(lambda a: ())                              # a 0-dim fp32 device scalar
+_ROWS = Ptr(lambda a: (a.C,))
+_COLS = Ptr(lambda a: (a.N,), when=_cols)
+_FLAGS = {"HAS_TEACHER": is_bool, "WITH_COLS": is_bool, "BLOCK_M": power_of_two,
+          "BLOCK_N": power_of_two}
+LAUNCHES = {
+    "_chunk_stats_kernel": Launch(
+        grid=_tile_grid, ints=("C", "N"), constexprs=_FLAGS,
+        pointers={
+            "x_ptr": _BUFFER, "t_ptr": dataclasses.replace(_BUFFER, when=_teacher),
+            "scale_ptr": _SCALAR, "bias_ptr": _SCALAR,
+            "tscale_ptr": dataclasses.replace(_SCALAR, when=_teacher),
+            # row partials [K, column tiles, C]; column partials [K, row tiles, N]
+            "row_part_ptr": Ptr(lambda a: (_partials(a), a.grid[1], a.C)),
+            "col_part_ptr": Ptr(lambda a: (_partials(a), a.grid[0], a.N), when=_cols)}),
+    "_chunk_ds_kernel": Launch(
+        grid=_tile_grid, ints=("C", "N"), floats=("factor",), constexprs=_FLAGS,
+        pointers={
+            "x_ptr": _BUFFER, "t_ptr": dataclasses.replace(_BUFFER, when=_teacher),
+            # dS in the operands' dtype (for the backward GEMMs)
+            "ds_ptr": dataclasses.replace(_BUFFER, dtypes=HALF_OR_F32),
+            "scale_ptr": _SCALAR, "bias_ptr": _SCALAR,
+            "tscale_ptr": dataclasses.replace(_SCALAR, when=_teacher),
+            "g0_ptr": _ROWS, "r0_ptr": _ROWS,
+            "g2_ptr": dataclasses.replace(_ROWS, when=_teacher),
+            "r1_ptr": dataclasses.replace(_ROWS, when=_teacher),
+            "h0_ptr": _COLS, "c0_ptr": _COLS,
+            "h2_ptr": Ptr(lambda a: (a.N,), when=lambda a: a.HAS_TEACHER and a.WITH_COLS),
+            "c1_ptr": Ptr(lambda a: (a.N,), when=lambda a: a.HAS_TEACHER and a.WITH_COLS)},
+        rules=(("factor must be a power of two (dS is unscaled exactly)",
+                lambda a: a.factor > 0 and math.frexp(a.factor)[0] == 0.5),)),
+}
 
 
 def _config(name: str) -> triton.Config:

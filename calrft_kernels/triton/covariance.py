@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_contract import FLOAT, Launch, Ptr, power_of_two
+
 # Autotuned on a GPU, per operand kind; every entry is compiled ahead of time for sm_90 by the
 # tests, which also check that it fits Hopper's shared memory without register spills (fp32 as
 # tf32x3 keeps hi/lo operand copies and fp64 tiles are twice as wide: they get smaller shapes).
@@ -155,6 +157,52 @@ def _centred_gram_kernel(z_ptr, mean_ptr, out_ptr, n_rows, n_cols, stride_row, s
 _centred_gram_autotuned = {
     kind: triton.autotune(configs=configs, key=["n_cols", "rows_per_chunk"])(_centred_gram_kernel)
     for kind, configs in GRAM_CONFIGS.items()}
+
+
+# ---- launch contracts (launch_contract.py) -----------------------------------------------------
+def _acc(a):
+    return (accumulate_dtype(a.z_ptr.dtype),)
+
+
+def _chunks(a) -> int:
+    return triton.cdiv(a.n_rows, a.rows_per_chunk)
+
+
+# The dot's operand type per input dtype: z's own type (bf16 becomes fp32 only in the
+# interpreter, whose bf16 dot is broken), never a narrower one; and the precisions tl.dot
+# accepts for it.
+_OPERANDS = {torch.float64: (tl.float64,), torch.float32: (tl.float32,),
+             torch.float16: (tl.float16,), torch.bfloat16: (tl.bfloat16,)}
+_PRECISIONS = {tl.float64: ("ieee",), tl.float32: ("ieee", "tf32", "tf32x3"),
+               tl.float16: ("ieee",), tl.bfloat16: ("ieee",)}
+
+
+def _operand_rule(v, a) -> bool:
+    allowed = _OPERANDS[a.z_ptr.dtype]
+    if a.interpreted and a.z_ptr.dtype == torch.bfloat16:
+        allowed = (tl.float32,)
+    return v in allowed
+
+
+_Z = Ptr(lambda a: (a.n_rows, a.n_cols), dtypes=FLOAT,
+         strides=lambda a: (a.stride_row, a.stride_col))
+_STRIDED = ("n_rows", "n_cols", "stride_row", "stride_col", "rows_per_chunk")
+_CHUNK_RULE = ("rows_per_chunk must be >= 1", lambda a: a.rows_per_chunk >= 1)
+LAUNCHES = {
+    "_column_sum_kernel": Launch(
+        grid=lambda a: (triton.cdiv(a.n_cols, a.BLOCK_COLS), _chunks(a)), ints=_STRIDED,
+        constexprs={"BLOCK_ROWS": power_of_two, "BLOCK_COLS": power_of_two},
+        pointers={"z_ptr": _Z, "partial_ptr": Ptr(lambda a: (a.grid[1], a.n_cols), dtypes=_acc)},
+        rules=(_CHUNK_RULE,)),
+    "_centred_gram_kernel": Launch(
+        grid=lambda a: (_pairs(a.n_cols, a.BLOCK_D), _chunks(a)), ints=_STRIDED,
+        constexprs={"OPERAND": _operand_rule,
+                    "PRECISION": lambda v, a: v in _PRECISIONS.get(a.OPERAND, ()),
+                    "BLOCK_D": power_of_two, "BLOCK_K": power_of_two},
+        pointers={"z_ptr": _Z, "mean_ptr": Ptr(lambda a: (a.n_cols,), dtypes=_acc),
+                  "out_ptr": Ptr(lambda a: (a.grid[1], a.n_cols, a.n_cols), dtypes=_acc)},
+        rules=(_CHUNK_RULE,)),
+}
 
 
 def config_kind(dtype: torch.dtype) -> str:

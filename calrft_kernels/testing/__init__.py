@@ -7,7 +7,7 @@ Each op family keeps its own section below.
 """
 from __future__ import annotations
 
-from . import _backend
+from .. import _backend
 
 
 def native_testing():
@@ -125,7 +125,7 @@ def count_flops_through_custom_ops() -> None:
     problems run on one thread). Idempotent."""
     import torch.utils.flop_counter as fc
 
-    from . import contrastive, sigmoid
+    from .. import contrastive, sigmoid
     mode_type = getattr(fc, "_FlopCounterMode", fc.FlopCounterMode)
     for op in (contrastive.contrastive_stats, contrastive.contrastive_stats_backward,
                sigmoid.sigmoid_pairs):
