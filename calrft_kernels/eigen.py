@@ -267,15 +267,14 @@ def solve(a: Tensor, v0: Optional[Tensor], factor: Optional[Tensor], delta: floa
 
 
 def _factor_out(result: SolveResult, d: int, device, given: Optional[Tensor]) -> Tensor:
-    """The op's factor output [d, d] fp32: the solver's factor, a copy when it is the given one
-    (custom ops may not return an input), or zeros when none was built (fixed shape: the fake
+    """The op's factor output [d, d] fp32: the solver's factor (a copy when a factor was given:
+    the solver may return that very tensor, and custom ops may not return an input; one d x d
+    copy costs less than one iteration), or zeros when none was built (fixed shape: the fake
     kernels need it)."""
     f = result.factor
     if f is None or f.numel() == 0:
         return torch.zeros(d, d, dtype=torch.float32, device=device)
-    if given is not None and f.data_ptr() == given.data_ptr():
-        return f.clone()
-    return f
+    return f.clone() if given is not None else f
 
 
 # ---- smallest_eigenvalue --------------------------------------------------------------------

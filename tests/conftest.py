@@ -47,6 +47,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _launch_contracts():
+    """Every Triton launch of every test (interpreted, on CPU tensors) is checked against its
+    kernel's launch contract first (calrft_kernels/triton/launch_contract.py), so the contracts
+    that tests/test_fake_cuda.py checks GPU launches against agree with launches whose numbers
+    the suite verifies."""
+    from calrft_kernels.testing.fake_cuda import checked_launches
+    with checked_launches() as launches:
+        yield launches
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (restored after): the tiny trainer models' ops gain nothing

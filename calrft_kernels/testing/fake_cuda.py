@@ -111,6 +111,8 @@ class _LaunchChecker:
 
     def __init__(self, run: bool, device_type: str, interpreted: bool):
         self.run, self.device_type, self.interpreted = run, device_type, interpreted
+        # a launch that runs may be of a kernel outside the package (a test's own): unchecked
+        self.package_only = run
         self.launches: list[LaunchRecord] = []
 
     @contextlib.contextmanager
@@ -137,6 +139,9 @@ class _LaunchChecker:
         from triton.runtime.autotuner import Autotuner
 
         from ..triton.launch_contract import ContractError, check_launch, kernel_parameters
+        if self.package_only and not _python_function(kernel).__module__.startswith(
+                "calrft_kernels."):
+            return
         name, contract = launch_contract_of(kernel)
         params = kernel_parameters(kernel)
         configs = [None]
@@ -165,9 +170,9 @@ class _LaunchChecker:
 
 @contextlib.contextmanager
 def checked_launches():
-    """Within the block, every Triton launch is checked against its contract before it runs
-    (for interpreted launches on CPU tensors; the device must be the one the interpreter runs
-    on). Yields the list of LaunchRecords."""
+    """Within the block, every launch of a package kernel is checked against its contract before
+    it runs (interpreted launches on CPU tensors, or real ones on a GPU). Yields the list of
+    LaunchRecords."""
     interpreted = _backend.triton_interpreted()
     checker = _LaunchChecker(run=True, device_type="cpu" if interpreted else "cuda",
                              interpreted=interpreted)
@@ -241,18 +246,18 @@ def _smallest_eig_cuda(matrix, v0, factor, delta, nev, tol, max_iter):
 CUDA_CONTRACTS = {"smallest_eig_cuda": _smallest_eig_cuda}
 
 
-class _NativeCudaBuild:
-    """calrft_kernels._C as built with CUDA: the real module's CPU functions, doubles for the
-    CUDA entry points."""
-    with_cuda = True
+class _NativeBuild:
+    """calrft_kernels._C as built with CUDA (the real module's CPU functions, doubles for the
+    CUDA entry points) or without it (no CUDA entry points, whatever this machine built)."""
 
-    def __init__(self, real, doubles: dict):
+    def __init__(self, real, doubles: Optional[dict]):
         self._real, self._doubles = real, doubles
+        self.with_cuda = doubles is not None
 
     def __getattr__(self, name):
-        if name in self._doubles:
+        if self._doubles is not None and name in self._doubles:
             return self._doubles[name]
-        if self._real is None:
+        if self._real is None or (self._doubles is None and name in cuda_entry_points()):
             raise AttributeError(name)
         return getattr(self._real, name)
 
@@ -263,6 +268,7 @@ class _NativeCudaBuild:
 class HostRead:
     """A device value read on the host (a synchronisation on a GPU): where, and of what."""
     site: str            # "calrft_kernels/pairs.py:123 in check_tensor_scalars_finite"
+    device: str          # "cuda": a synchronisation on a GPU; "cpu": a host tensor's value
     dtype: torch.dtype
     answer: Any
 
@@ -295,14 +301,23 @@ class _Mode(FakeTensorMode):
     def __init__(self, harness: "FakeCuda"):
         super().__init__(allow_non_fake_inputs=True)
         self.harness = harness
+        # no dispatch cache: a cached bool(t) / t.item() would skip the host read it makes
+        # (and hide the ops a cached op decomposes into from `ops`)
+        self.cache_enabled = False
+        self._depth = 0
+
+    def __deepcopy__(self, memo):
+        return self      # fake tensors refer to their mode: a copied module shares it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         h = self.harness
+        if self._depth == 0:          # an op called from Python, not one it decomposes into
+            h.ops[str(func)] += 1
         if func is aten._local_scalar_dense.default:
-            answer = h.host_answer(args[0])
-            h.host_reads.append(HostRead(_package_site(), args[0].dtype, answer))
-            return answer
+            return h._read(args[0].device, args[0])
+        if func in (aten.allclose.default, aten.equal.default):     # a Python bool
+            return h._read(args[0].device, torch.empty((), dtype=torch.bool, device="meta"))
         if func is aten._unique2.default:
             x = args[0]
             sorted_, inverse, counts = (list(args[1:]) + [True, False, False])[:3]
@@ -321,7 +336,11 @@ class _Mode(FakeTensorMode):
             dtype = torch.int64 if weights is None else weights.dtype
             with self:
                 return x.new_empty(minlength, dtype=dtype)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        self._depth += 1
+        try:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        finally:
+            self._depth -= 1
 
 
 def _route_custom_ops(mode_type) -> None:
@@ -450,6 +469,43 @@ def _autograd_backward(tensors, grad_tensors=None, retain_graph=None, create_gra
 
 # ---- the harness ----------------------------------------------------------------------------
 
+class _FakeGroup:
+    """torch.distributed as calrft_kernels.distributed uses it, for one rank of a fake group."""
+
+    def __init__(self, rank: int, world: int, log: list):
+        self.rank, self.world, self.log = rank, world, log
+
+    def get_rank(self, group=None) -> int:
+        self._group(group)
+        return self.rank
+
+    def get_world_size(self, group=None) -> int:
+        self._group(group)
+        return self.world
+
+    def all_gather(self, parts, x, group=None) -> None:
+        self._group(group)
+        if len(parts) != self.world:
+            raise RuntimeError(f"all_gather: {len(parts)} outputs for {self.world} ranks")
+        for p in parts:
+            if p.shape != x.shape or p.dtype != x.dtype or p.device != x.device:
+                raise RuntimeError(f"all_gather: output {tuple(p.shape)} {p.dtype} {p.device} "
+                                   f"for input {tuple(x.shape)} {x.dtype} {x.device}")
+        if x.device.type != "cuda" or not x.is_contiguous():
+            raise RuntimeError("all_gather: NCCL gathers contiguous CUDA tensors")
+        self.log.append(("all_gather", tuple(x.shape), x.dtype, str(x.device)))
+
+    def all_reduce(self, x, group=None, **kwargs) -> None:
+        self._group(group)
+        if x.device.type != "cuda" or not x.is_contiguous():
+            raise RuntimeError("all_reduce: NCCL reduces contiguous CUDA tensors")
+        self.log.append(("all_reduce", tuple(x.shape), x.dtype, str(x.device)))
+
+    def _group(self, group) -> None:
+        if group is not self:
+            raise RuntimeError(f"a collective on {group!r}, not on the fake process group")
+
+
 class _DeviceProperties(types.SimpleNamespace):
     pass
 
@@ -464,7 +520,8 @@ class FakeCuda:
     (mm_out_dtype: torch.mm(half, half, out_dtype=fp32) exists; addmm_out_dtype: torch.addmm's
     fp32-self form exists and is right), host_answer(tensor) -> the value of a host read,
     classes: the number of distinct values torch.unique reports, native_cuda: whether
-    calrft_kernels._C is a CUDA build (False: a build without CUDA). Inside the block:
+    calrft_kernels._C is a CUDA build (False: a build without CUDA, whatever this machine
+    built). Inside the block:
     `launches` (LaunchRecord), `host_reads` (HostRead), `native_calls` ({entry point: calls})."""
 
     def __init__(self, *, mm_out_dtype: bool = True, addmm_out_dtype: bool = True,
@@ -475,9 +532,17 @@ class FakeCuda:
         self.classes, self.native_cuda, self.properties = classes, native_cuda, properties
         self.host_reads: list[HostRead] = []
         self.native_calls: dict[str, list] = {}
+        # the aten ops the Python code called (not the ones they decompose into), by name
+        self.ops: collections.Counter = collections.Counter()
+        self.collectives: list[tuple] = []                      # (name, shape, dtype, device)
         self._checker = _LaunchChecker(run=False, device_type="cuda", interpreted=False)
         self._stack: Optional[contextlib.ExitStack] = None
         self.mode: Optional[_Mode] = None
+
+    def _read(self, device, value: torch.Tensor):
+        answer = self.host_answer(value)
+        self.host_reads.append(HostRead(_package_site(), device.type, value.dtype, answer))
+        return answer
 
     @property
     def launches(self) -> list[LaunchRecord]:
@@ -487,8 +552,10 @@ class FakeCuda:
         """The recorded launches of the kernel function `name` (e.g. "_chunk_ds_kernel")."""
         return [r for r in self.launches if r.name == name]
 
-    def reads_in(self, path_part: str) -> list[HostRead]:
-        return [r for r in self.host_reads if path_part in r.site]
+    def syncs(self, path_part: str = "") -> list[HostRead]:
+        """The host reads of CUDA values (GPU synchronisations) made at a site containing
+        `path_part`."""
+        return [r for r in self.host_reads if r.device == "cuda" and path_part in r.site]
 
     def __enter__(self) -> "FakeCuda":
         # Imported before the mode: module-level code may read device values (triton's
@@ -507,16 +574,13 @@ class FakeCuda:
             stack.callback(_restore_env, "TRITON_INTERPRET", old)
             self._patch(stack, chunked, "_OUT_DTYPE_OK", {"cuda:0": self.mm_out_dtype})
             self._patch(stack, chunked, "_ADDMM_OUT_DTYPE_OK", {"cuda:0": self.addmm_out_dtype})
-            native = _backend.native()[0]
-            doubles = {}
+            doubles = None
             if self.native_cuda:
-                for name, contract in CUDA_CONTRACTS.items():
-                    calls = self.native_calls.setdefault(name, [])
-                    double = NativeCudaDouble(name, contract)
-                    double.calls = calls
-                    doubles[name] = double
-            if self.native_cuda:
-                self._patch(stack, _backend, "_NATIVE", (_NativeCudaBuild(native, doubles), ""))
+                doubles = {name: NativeCudaDouble(name, contract)
+                           for name, contract in CUDA_CONTRACTS.items()}
+                self.native_calls.update({name: d.calls for name, d in doubles.items()})
+            self._patch(stack, _backend, "_NATIVE", (_NativeBuild(_backend.native()[0], doubles),
+                                                     ""))
             cuda = torch.cuda
             self._patch(stack, cuda, "get_device_properties", lambda device=None: self.properties)
             self._patch(stack, cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -546,6 +610,26 @@ class FakeCuda:
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
         return stack.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Real tensors inside this block (e.g. a data loader's batches, which a GPU run also
+        builds on the host); the doubles stay installed."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            yield
+
+    def process_group(self, rank: int = 1, world: int = 2):
+        """A process group of `world` ranks in which this process is `rank`, for the rest of the
+        block: calrft_kernels.distributed's collectives become doubles that check their tensors
+        (on the features' CUDA device, equal shapes and dtypes) and record them in
+        `collectives`; the other ranks' rows are fake like everything else."""
+        from .. import distributed
+        group = _FakeGroup(rank, world, self.collectives)
+        if self._stack is None:
+            raise RuntimeError("process_group() is used inside the FakeCuda block")
+        self._patch(self._stack, distributed, "dist", group)
+        return group
 
     def tensor(self, *shape, dtype=torch.float32, requires_grad=False):
         """A fake CUDA tensor (inside the block)."""

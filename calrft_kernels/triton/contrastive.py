@@ -311,6 +311,10 @@ def _same_as_q(a):
     return (a.q_ptr.dtype,)
 
 
+def _same_as_tq(a):          # the teacher's pair may have its own dtype
+    return (a.tq_ptr.dtype,)
+
+
 def _is_bucket(size: str):
     def rule(a) -> bool:
         n, bucket = getattr(a, size), getattr(a, size + "_BUCKET")
@@ -321,8 +325,8 @@ def _is_bucket(size: str):
 _OPERANDS = {
     "q_ptr": Ptr(lambda a: (a.M, a.D), dtypes=HALF_OR_F32),
     "k_ptr": Ptr(lambda a: (a.N, a.D), dtypes=_same_as_q),
-    "tq_ptr": Ptr(lambda a: (a.M, a.DT), dtypes=_same_as_q, when=lambda a: a.HAS_TEACHER),
-    "tk_ptr": Ptr(lambda a: (a.N, a.DT), dtypes=_same_as_q, when=lambda a: a.HAS_TEACHER),
+    "tq_ptr": Ptr(lambda a: (a.M, a.DT), dtypes=HALF_OR_F32, when=lambda a: a.HAS_TEACHER),
+    "tk_ptr": Ptr(lambda a: (a.N, a.DT), dtypes=_same_as_tq, when=lambda a: a.HAS_TEACHER),
     "scale_ptr": Ptr(lambda a: ()), "bias_ptr": Ptr(lambda a: ()),
     "tscale_ptr": Ptr(lambda a: (), when=lambda a: a.HAS_TEACHER),
     "row_ptr": Ptr(lambda a: (_n_stats(a), a.M)),
