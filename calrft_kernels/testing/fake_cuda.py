@@ -6,7 +6,9 @@ run their meta functions, including CUDA-only overloads such as torch.mm(a, b,
 out_dtype=torch.float32) on bf16), and the package's code takes its CUDA branches on them:
 
   - The package's custom ops (calrft::*) run their IMPLEMENTATION on fake tensors, not their
-    registered fake kernel, so a public op exercises the backend code it dispatches to.
+    registered fake kernel, so a public op exercises the backend code it dispatches to; each
+    output must match the fake kernel's declaration (shape, dtype, device), which is what
+    torch.compile traces with.
   - Every Triton launch (`kernel[grid](...)`, autotuned or not) is replaced by a double that
     checks the launch against the kernel's contract (calrft_kernels/triton/launch_contract.py:
     dtypes, devices, shapes and strides of every pointer, scalars, constexprs, the grid; every
@@ -345,16 +347,32 @@ class _Mode(FakeTensorMode):
 
 def _route_custom_ops(mode_type) -> None:
     """Make the package's custom ops run their implementation under `mode_type` (instead of
-    their fake kernel): idempotent."""
+    their fake kernel), and check that what it returns matches what the registered fake kernel
+    declares (what torch.compile traces with): idempotent."""
     import torch._library.custom_ops as custom_ops
     for name, op in list(custom_ops.OPDEFS.items()):
         if not name.startswith("calrft::") or mode_type in getattr(op, "_torch_dispatch_fns", {}):
             continue
 
-        def through(mode, func, types, args, kwargs, op=op):
+        def through(mode, func, types, args, kwargs, op=op, name=name):
             with mode:
-                return op._init_fn(*args, **kwargs)
+                out = op._init_fn(*args, **kwargs)
+                declared = op._abstract_fn(*args, **kwargs)
+            _check_like_fake_kernel(name, out, declared)
+            return out
         op.register_torch_dispatch(mode_type, through)
+
+
+def _check_like_fake_kernel(name: str, out, declared) -> None:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    want = declared if isinstance(declared, (tuple, list)) else (declared,)
+    if len(outs) != len(want):
+        raise TypeError(f"{name} returned {len(outs)} outputs, its fake kernel {len(want)}")
+    for i, (o, w) in enumerate(zip(outs, want)):
+        got, exp = (tuple(o.shape), o.dtype, o.device), (tuple(w.shape), w.dtype, w.device)
+        if got != exp:
+            raise TypeError(f"{name} output {i}: the implementation returned {got}, its "
+                            f"registered fake kernel declares {exp}")
 
 
 # ---- backward without the engine ------------------------------------------------------------
