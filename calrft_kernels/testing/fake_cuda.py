@@ -321,14 +321,14 @@ class _Mode(FakeTensorMode):
         if func in (aten.allclose.default, aten.equal.default):     # a Python bool
             return h._read(args[0].device, torch.empty((), dtype=torch.bool, device="meta"))
         if func is aten._unique2.default:
-            x = args[0]
-            sorted_, inverse, counts = (list(args[1:]) + [True, False, False])[:3]
-            k = h.classes
+            x, k = args[0], h.classes
+            opts = {**dict(zip(("sorted", "return_inverse", "return_counts"), args[1:])),
+                    **kwargs}
             with self:
-                return (x.new_empty(k), x.new_empty(x.shape, dtype=torch.int64) if inverse
-                        else x.new_empty(0, dtype=torch.int64),
-                        x.new_empty(k, dtype=torch.int64) if counts
-                        else x.new_empty(0, dtype=torch.int64))
+                return (x.new_empty(k),
+                        x.new_empty(x.shape if opts.get("return_inverse") else 0,
+                                    dtype=torch.int64),
+                        x.new_empty(k if opts.get("return_counts") else 0, dtype=torch.int64))
         if func is aten.bincount.default:
             x, weights, minlength = (list(args) + [kwargs.get("weights"),
                                                    kwargs.get("minlength", 0)])[:3]
@@ -382,9 +382,12 @@ def backward(tensors, grad_tensors=None, inputs=None) -> None:
     by calling each graph node's backward in Python, in dependency order; see the module doc.
     inputs: accumulate only into these leaves."""
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    if grad_tensors is None or isinstance(grad_tensors, torch.Tensor):
-        grad_tensors = [grad_tensors] * len(tensors) if len(tensors) == 1 else \
-            [None] * len(tensors) if grad_tensors is None else [grad_tensors]
+    if grad_tensors is None:
+        grad_tensors = [None] * len(tensors)
+    elif isinstance(grad_tensors, torch.Tensor):
+        grad_tensors = [grad_tensors]
+    if len(grad_tensors) != len(tensors):
+        raise RuntimeError(f"{len(grad_tensors)} gradients for {len(tensors)} tensors")
     only = None if inputs is None else {id(t) for t in (
         [inputs] if isinstance(inputs, torch.Tensor) else inputs)}
     pending: dict = collections.defaultdict(dict)    # node -> {input slot: gradient}
@@ -524,13 +527,9 @@ class _FakeGroup:
             raise RuntimeError(f"a collective on {group!r}, not on the fake process group")
 
 
-class _DeviceProperties(types.SimpleNamespace):
-    pass
-
-
-H100 = _DeviceProperties(name="fake NVIDIA H100 (calrft_kernels.testing.fake_cuda)",
-                         major=9, minor=0, multi_processor_count=132,
-                         total_memory=80 * 2 ** 30)
+# What torch.cuda.get_device_properties answers inside the block (the fields the package reads).
+H100 = types.SimpleNamespace(name="fake NVIDIA H100 (calrft_kernels.testing.fake_cuda)", major=9,
+                             minor=0, multi_processor_count=132, total_memory=80 * 2 ** 30)
 
 
 class FakeCuda:
@@ -590,26 +589,25 @@ class FakeCuda:
             old = os.environ.get("TRITON_INTERPRET")
             os.environ["TRITON_INTERPRET"] = "0"
             stack.callback(_restore_env, "TRITON_INTERPRET", old)
-            self._patch(stack, chunked, "_OUT_DTYPE_OK", {"cuda:0": self.mm_out_dtype})
-            self._patch(stack, chunked, "_ADDMM_OUT_DTYPE_OK", {"cuda:0": self.addmm_out_dtype})
+            self.patch(chunked, "_OUT_DTYPE_OK", {"cuda:0": self.mm_out_dtype})
+            self.patch(chunked, "_ADDMM_OUT_DTYPE_OK", {"cuda:0": self.addmm_out_dtype})
             doubles = None
             if self.native_cuda:
                 doubles = {name: NativeCudaDouble(name, contract)
                            for name, contract in CUDA_CONTRACTS.items()}
                 self.native_calls.update({name: d.calls for name, d in doubles.items()})
-            self._patch(stack, _backend, "_NATIVE", (_NativeBuild(_backend.native()[0], doubles),
-                                                     ""))
+            self.patch(_backend, "_NATIVE", (_NativeBuild(_backend.native()[0], doubles), ""))
             cuda = torch.cuda
-            self._patch(stack, cuda, "get_device_properties", lambda device=None: self.properties)
-            self._patch(stack, cuda, "is_bf16_supported", lambda *a, **k: True)
-            self._patch(stack, cuda.amp.common, "amp_definitely_not_available", lambda: False)
-            rng = {}
-            self._patch(stack, cuda, "get_rng_state",
-                        lambda device="cuda": rng.get(str(device), torch.zeros(16, dtype=torch.uint8)))
-            self._patch(stack, cuda, "set_rng_state",
-                        lambda state, device="cuda": rng.__setitem__(str(device), state.clone()))
-            self._patch(stack, torch.Tensor, "backward", _tensor_backward)
-            self._patch(stack, torch.autograd, "backward", _autograd_backward)
+            self.patch(cuda, "get_device_properties", lambda device=None: self.properties)
+            self.patch(cuda, "is_bf16_supported", lambda *a, **k: True)
+            self.patch(cuda.amp.common, "amp_definitely_not_available", lambda: False)
+            rng = {}      # the CUDA generator's state per device (the cached step replays it)
+            self.patch(cuda, "get_rng_state", lambda device="cuda": rng.get(
+                str(device), torch.zeros(16, dtype=torch.uint8)))
+            self.patch(cuda, "set_rng_state", lambda state, device="cuda": rng.__setitem__(
+                str(device), state.clone()))
+            self.patch(torch.Tensor, "backward", _tensor_backward)
+            self.patch(torch.autograd, "backward", _autograd_backward)
             stack.enter_context(self._checker.installed())
             _route_custom_ops(_Mode)
             self.mode = _Mode(self)
@@ -619,11 +617,13 @@ class FakeCuda:
             raise
         return self
 
-    @staticmethod
-    def _patch(stack, owner, name, value):
+    def patch(self, owner, name: str, value) -> None:
+        """Replace owner.name by value until the block ends (e.g. a torch without an overload)."""
+        if self._stack is None:
+            raise RuntimeError("patch() is used inside the FakeCuda block")
         old = getattr(owner, name)
         setattr(owner, name, value)
-        stack.callback(setattr, owner, name, old)
+        self._stack.callback(setattr, owner, name, old)
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
@@ -644,9 +644,7 @@ class FakeCuda:
         `collectives`; the other ranks' rows are fake like everything else."""
         from .. import distributed
         group = _FakeGroup(rank, world, self.collectives)
-        if self._stack is None:
-            raise RuntimeError("process_group() is used inside the FakeCuda block")
-        self._patch(self._stack, distributed, "dist", group)
+        self.patch(distributed, "dist", group)
         return group
 
     def tensor(self, *shape, dtype=torch.float32, requires_grad=False):

@@ -114,7 +114,8 @@ def _fail(kernel_name: str, message: str):
 
 
 def check_launch(kernel_name: str, contract: Launch, params: list[str], grid, args: tuple,
-                 kwargs: dict, *, device_type: str = "cuda", interpreted: bool = False) -> LaunchArgs:
+                 kwargs: dict, *, device_type: str = "cuda",
+                 interpreted: bool = False) -> LaunchArgs:
     """Check one launch (`kernel[grid](*args, **kwargs)`) against `contract`; return its bound
     arguments. grid: a tuple, or a function of the bound arguments (an autotuned launch's).
     device_type: the device every tensor must be on ("cuda"; "cpu" for interpreted launches).
@@ -142,9 +143,6 @@ def check_launch(kernel_name: str, contract: Launch, params: list[str], grid, ar
             all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in evaluated)):
         _fail(kernel_name, f"the grid must be a tuple of 1 to 3 positive ints, got {evaluated!r}")
     a = LaunchArgs(values, evaluated, interpreted)
-    want = tuple(contract.grid(a))
-    if evaluated != want:
-        _fail(kernel_name, f"grid {evaluated} but the arguments need {want}")
     for name in contract.ints:
         v = values[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -156,6 +154,9 @@ def check_launch(kernel_name: str, contract: Launch, params: list[str], grid, ar
     for name, rule in contract.constexprs.items():
         if not rule(values[name], a):
             _fail(kernel_name, f"constexpr {name}={values[name]!r} breaks its rule")
+    want = tuple(contract.grid(a))
+    if evaluated != want:
+        _fail(kernel_name, f"grid {evaluated} but the arguments need {want}")
     for name, ptr in contract.pointers.items():
         _check_pointer(kernel_name, name, ptr, values[name], a, device_type)
     for name in contract.int32_offsets:
