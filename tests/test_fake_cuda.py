@@ -412,6 +412,27 @@ def test_eigen_dispatch_on_cuda(method, native_cuda):
             assert fc.ops["aten.linalg_cholesky_ex.default"] > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_singular_value_orthogonality_and_accumulator_on_cuda(dtype):
+    """smallest_singular_value (its Gram matrix on the device, the CUDA solver), the
+    orthogonality loss with and without its device checks, the streaming covariance on a CUDA
+    device (fp64 accumulation there is plain PyTorch; merges without the C++ kernel)."""
+    with FakeCuda() as fc:
+        w = fc.tensor(768, 512, dtype=dtype, requires_grad=True)
+        ck.smallest_singular_value(w).backward()
+        assert w.grad.dtype == dtype and len(fc.native_calls["smallest_eig_cuda"]) == 1
+        ck.orthogonality_loss(w).backward()
+        n = len(fc.syncs())
+        with ck.device_checks(False):
+            ck.orthogonality_loss(w).backward()
+        assert len(fc.syncs()) == n          # no synchronisation inside device_checks(False)
+        acc = ck.CovarianceAccumulator(64, device="cuda")
+        acc.update(fc.tensor(300, 64, dtype=dtype)).update(fc.tensor(200, 64, dtype=dtype))
+        other = ck.CovarianceAccumulator(64, device="cuda").update(fc.tensor(50, 64, dtype=dtype))
+        cov = acc.merge(other).covariance()
+        assert cov.dtype == torch.float64 and cov.device.type == "cuda" and acc.count == 550
+
+
 def test_the_native_double_refuses_what_the_cuda_solver_would():
     with FakeCuda():
         double = fake_cuda.NativeCudaDouble("smallest_eig_cuda",
