@@ -26,7 +26,8 @@ from calrft_kernels.testing import fake_cuda
 from calrft_kernels.testing.fake_cuda import FakeCuda
 from calrft_kernels.triton import contrastive as tc
 from calrft_kernels.triton import covariance as tcov
-from calrft_kernels.triton.launch_contract import ContractError, kernel_parameters
+from calrft_kernels.triton.launch_contract import (ContractError, kernel_parameters,
+                                                   python_function)
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,7 +72,7 @@ def test_every_kernel_of_the_package_has_a_launch_contract_naming_its_parameters
                tcov: [tcov._column_sum_kernel, tcov._centred_gram_kernel]}
     assert {m.__name__ for m in modules} == set(fake_cuda.KERNEL_MODULES)
     for module, kernels in modules.items():
-        names = {fake_cuda._python_function(k).__name__ for k in kernels}
+        names = {python_function(k).__name__ for k in kernels}
         assert names == set(module.LAUNCHES), module.__name__
         for kernel in kernels:
             _, contract = fake_cuda.launch_contract_of(kernel)

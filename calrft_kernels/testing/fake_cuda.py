@@ -86,18 +86,11 @@ class LaunchRecord:
         return self.kernel.rsplit(".", 1)[1]
 
 
-def _python_function(kernel):
-    fn = kernel
-    while hasattr(fn, "fn"):
-        fn = fn.fn
-    return fn
-
-
 def launch_contract_of(kernel):
     """("module.function", Launch) of a Triton kernel (JIT, interpreted or autotuned); raises
     ContractError when its module declares no contract for it."""
-    from ..triton.launch_contract import ContractError
-    fn = _python_function(kernel)
+    from ..triton.launch_contract import ContractError, python_function
+    fn = python_function(kernel)
     module = sys.modules.get(fn.__module__)
     contract = getattr(module, "LAUNCHES", {}).get(fn.__name__)
     if contract is None:
@@ -140,8 +133,9 @@ class _LaunchChecker:
     def check(self, kernel, grid, args, kwargs):
         from triton.runtime.autotuner import Autotuner
 
-        from ..triton.launch_contract import ContractError, check_launch, kernel_parameters
-        if self.package_only and not _python_function(kernel).__module__.startswith(
+        from ..triton.launch_contract import (ContractError, check_launch, kernel_parameters,
+                                              python_function)
+        if self.package_only and not python_function(kernel).__module__.startswith(
                 "calrft_kernels."):
             return
         name, contract = launch_contract_of(kernel)

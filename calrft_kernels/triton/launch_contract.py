@@ -30,7 +30,8 @@ from typing import Any, Callable, Optional
 import torch
 
 __all__ = ["Ptr", "Launch", "LaunchArgs", "ContractError", "check_launch", "kernel_parameters",
-           "F32", "HALF_OR_F32", "FLOAT", "LAUNCH_OPTIONS", "is_bool", "power_of_two"]
+           "python_function", "F32", "HALF_OR_F32", "FLOAT", "LAUNCH_OPTIONS", "is_bool",
+           "power_of_two"]
 
 F32 = (torch.float32,)
 HALF_OR_F32 = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,12 +102,17 @@ class Launch:
         return set(self.pointers) | set(self.ints) | set(self.floats) | set(self.constexprs)
 
 
-def kernel_parameters(kernel) -> list[str]:
-    """The parameter names of a @triton.jit function (compiled or interpreted)."""
-    fn = getattr(kernel, "fn", kernel)
+def python_function(kernel):
+    """The Python function under a Triton kernel (JIT, interpreted or autotuned)."""
+    fn = kernel
     while hasattr(fn, "fn"):
         fn = fn.fn
-    return list(inspect.signature(fn).parameters)
+    return fn
+
+
+def kernel_parameters(kernel) -> list[str]:
+    """The parameter names of a @triton.jit function (compiled or interpreted)."""
+    return list(inspect.signature(python_function(kernel)).parameters)
 
 
 def _fail(kernel_name: str, message: str):
