@@ -213,6 +213,11 @@ def skip_reason(result: dict) -> str:
     return result.get("skipped") or ("error: " + " ".join(result.get("error", [])))
 
 
+def runs_note(result: dict) -> str:
+    """How the time of a result was taken, as the tables write it after the seconds."""
+    return f" (median of {result['runs']})" if result["runs"] > 1 else " (1 run)"
+
+
 def at_size(results, B, methods):
     """(method, result) for each of `methods` that has a result at B, in the order given (a
     result without "seconds" was skipped or failed: skip_reason says why)."""

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
 from benchmarks._loss_bench import (LossBench, add_arguments, at_size, clearer,  # noqa: E402
-                                     get, skip_reason, unit_features, write_md)
+                                     get, runs_note, skip_reason, unit_features, write_md)
 
 SIZES = (1024, 4096, 8192, 16384, 65536)
 METHODS = ("unit", "fused", "chunked", "open_clip", "fused+distill", "naive CaRot")
@@ -115,9 +115,8 @@ def table(results, sizes):
                 bound = f"{r['seconds'] / (unit * units / 3):.2f}x of {units}-unit"
                 bound += " (unit extrapolated)" if extrapolated else ""
             name = method if method != "unit" else "unit (1 product + bwd = 3 units)"
-            runs = f" (median of {r['runs']})" if r["runs"] > 1 else " (1 run)"
-            lines.append(f"| {B} | {name} | {r['seconds']:.3f}{runs} | {r['extra_mib']:.0f} | "
-                         f"{vs_oc} | {vs_naive} | {bound} |")
+            lines.append(f"| {B} | {name} | {r['seconds']:.3f}{runs_note(r)} | "
+                         f"{r['extra_mib']:.0f} | {vs_oc} | {vs_naive} | {bound} |")
     return "\n".join(lines)
 
 

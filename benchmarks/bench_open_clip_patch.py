@@ -26,7 +26,7 @@ ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
 from benchmarks._loss_bench import (LossBench, at_size, clearer, get,  # noqa: E402
-                                     skip_reason, unit_features)
+                                     runs_note, skip_reason, unit_features)
 
 SIZES = (4096, 8192, 16384)
 LOSSES = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
@@ -100,10 +100,10 @@ def table(results, sizes):
                 lines.append(f"| {B} | {ours['d']} | {name} | skipped ({why}) | "
                              f"{ours['seconds']:.3f} | | | {ours['extra_mib']:.0f} |")
                 continue
-            runs = f" (median of {ours['runs']})" if ours["runs"] > 1 else " (1 run)"
             lines.append(f"| {B} | {ours['d']} | {name} | {theirs['seconds']:.3f} | "
-                         f"{ours['seconds']:.3f}{runs} | {ours['seconds'] / theirs['seconds']:.2f}x"
-                         f" | {theirs['extra_mib']:.0f} | {ours['extra_mib']:.0f} |")
+                         f"{ours['seconds']:.3f}{runs_note(ours)} | "
+                         f"{ours['seconds'] / theirs['seconds']:.2f}x | "
+                         f"{theirs['extra_mib']:.0f} | {ours['extra_mib']:.0f} |")
     return "\n".join(lines)
 
 

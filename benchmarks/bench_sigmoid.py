@@ -27,7 +27,7 @@ ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
 from benchmarks._loss_bench import (LossBench, at_size, clearer, get,  # noqa: E402
-                                     skip_reason, unit_features)
+                                     runs_note, skip_reason, unit_features)
 
 SIZES = (1024, 4096, 8192, 16384)
 METHODS = ("3mm", "fused", "open_clip", "fused+distill")
@@ -92,8 +92,7 @@ def table(results, sizes):
             if bound and method in ("fused", "fused+distill"):
                 units = 4 if method == "fused+distill" else 3
                 vs_bound = f"{r['seconds'] / (bound['seconds'] * units / 3):.2f}x of {units} units"
-            runs = f" (median of {r['runs']})" if r["runs"] > 1 else " (1 run)"
-            lines.append(f"| {B} | {r['d']} | {method} | {r['seconds']:.3f}{runs} | "
+            lines.append(f"| {B} | {r['d']} | {method} | {r['seconds']:.3f}{runs_note(r)} | "
                          f"{r['extra_mib']:.0f} | {vs_oc} | {vs_bound} |")
     return "\n".join(lines)
 
