@@ -89,12 +89,11 @@ def cuda_native_usable(device, symbol: str) -> tuple[bool, str]:
 
 
 def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
-            auto_cuda: str | None = "triton", chunked: bool = False,
+            auto_cuda: str = "triton", chunked: bool = False,
             kernels: tuple | None = None) -> str:
     """Map backend="auto" to a concrete one for `device`, and check a forced one exists here.
-    auto_cuda: what "auto" means on CUDA tensors for this op (None: the op has no kernel for
-    CUDA tensors yet); chunked: whether the op has a "chunked" kernel (plain torch.mm plus
-    optional Triton passes: runs on any device); kernels: the concrete backends the op has
+    auto_cuda: what "auto" means on CUDA tensors for this op; chunked: whether the op has a
+    "chunked" kernel (plain torch.mm plus optional Triton passes: runs on any device); kernels: the concrete backends the op has
     (None: every one of BACKENDS)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -107,9 +106,6 @@ def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
         return backend
     if backend == "auto":
         if device.type == "cuda":
-            if auto_cuda is None:
-                raise ValueError(f"{op} has no kernel for CUDA tensors yet: pass CPU tensors, or "
-                                 f"backend='reference' (materialises B x B)")
             backend = auto_cuda
             if backend == "chunked":
                 return backend

@@ -43,7 +43,7 @@ from ._checks import compute_dtype
 
 __all__ = ["stats_forward", "stats_backward", "chunk_rows_for", "chunk_stats_torch",
            "chunk_ds_torch", "merge_partials", "finalize_partials", "MAX_BUFFER_BYTES", "addmm_acc",
-           "mm_acc"]
+           "mm_acc", "gradient_gemms", "fp16_factor", "use_triton", "device_scalar"]
 
 MAX_BUFFER_BYTES = 512 * 2 ** 20
 _HALF = (torch.float16, torch.bfloat16)
@@ -54,8 +54,9 @@ _HALF = (torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 def chunk_rows_for(m: int, n: int, dtype: torch.dtype, teacher: bool, chunk_rows: int = 0) -> int:
     """Rows per chunk: `chunk_rows` when given (> 0), else as many as MAX_BUFFER_BYTES holds
-    (one fp32/fp64 buffer per product, plus the half dS buffer of the backward), rounded down to
-    a multiple of 128 rows when that many fit; never more than m."""
+    (one fp32/fp64 buffer per product, plus the half gradient buffer: the softmax family's dS,
+    the sigmoid family's G), rounded down to a multiple of 128 rows when that many fit; never
+    more than m. The one sizing seam of both families' chunked kernels."""
     if chunk_rows > 0:
         return max(1, min(int(chunk_rows), m))
     acc = 8 if dtype == torch.float64 else 4
@@ -116,6 +117,17 @@ def addmm_acc(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and _addmm_out_dtype_correct(a.device):
         return torch.addmm(c, a, b, out_dtype=c.dtype)
     return c.add_(mm_acc(a, b))
+
+
+def gradient_gemms(ds: Tensor, q_c: Tensor, k: Tensor, dq_c: Tensor, dk: Tensor) -> Tensor:
+    """The two gradient GEMMs of one chunk, shared by both families' chunked kernels: dq_c =
+    ds k (written into the chunk's rows of the fp32/fp64 dq) and dk + ds^T q_c, returned (in
+    place where the dtypes allow). ds [C, N] is in the operands' dtype or the accumulator's."""
+    if ds.dtype == dq_c.dtype:
+        torch.mm(ds, k, out=dq_c)
+    else:
+        dq_c.copy_(mm_acc(ds, k))
+    return addmm_acc(dk, ds.T, q_c)
 
 
 def mm_acc(a: Tensor, b: Tensor) -> Tensor:
@@ -224,7 +236,7 @@ def chunk_ds_torch(x: Tensor, t: Optional[Tensor], scale, bias, tscale, g0, r0, 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _use_triton(x: Tensor, fused: Optional[bool]) -> bool:
+def use_triton(x: Tensor, fused: Optional[bool]) -> bool:
     """The fused Triton pass runs on CUDA tensors with an fp32 buffer; `fused` forces it on or
     off (tests run it on CPU tensors under TRITON_INTERPRET=1)."""
     if fused is not None:
@@ -238,11 +250,11 @@ def _use_triton(x: Tensor, fused: Optional[bool]) -> bool:
     return True
 
 
-def _scalar(x, dtype, device) -> Tensor:
+def device_scalar(x, dtype, device) -> Tensor:
     return torch.as_tensor(x, dtype=dtype, device=device).reshape(())
 
 
-def _fp16_factor(dtype: torch.dtype, m: int, n: int) -> float:
+def fp16_factor(dtype: torch.dtype, m: int, n: int) -> float:
     """Power-of-two pre-scale of dS before rounding to fp16 (gradients of means are O(1/B),
     below fp16's normal range at large B); 1 for every other dtype."""
     return float(2 ** math.ceil(math.log2(max(m, n)))) if dtype == torch.float16 else 1.0
@@ -257,13 +269,13 @@ def stats_forward(q: Tensor, k: Tensor, scale, bias, tq: Optional[Tensor] = None
     teacher = tq is not None
     acc = compute_dtype(q.dtype)
     dev = q.device
-    scale, bias = _scalar(scale, acc, dev), _scalar(bias, acc, dev)
-    tscale = _scalar(tscale, acc, dev) if teacher else None
+    scale, bias = device_scalar(scale, acc, dev), device_scalar(bias, acc, dev)
+    tscale = device_scalar(tscale, acc, dev) if teacher else None
     c = chunk_rows_for(m, n, q.dtype, teacher, chunk_rows)
     k_rows = 5 if teacher else 2
     row_stats = torch.empty(3 if teacher else 1, m, dtype=acc, device=dev)
     cols = _empty_partials(k_rows, n, acc, dev) if with_cols else None
-    triton_pass = _use_triton(q, fused) and acc == torch.float32
+    triton_pass = use_triton(q, fused) and acc == torch.float32
     if triton_pass:
         from .triton import contrastive_chunked as tcc
     for c0 in range(0, m, c):
@@ -297,15 +309,15 @@ def stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, sca
     assert tuple(grad_row.shape) == (r, m), "grad_row: [R, M]"
     if with_cols:
         assert tuple(col_stats.shape) == (r, n) and tuple(grad_col.shape) == (r, n), "[R, N]"
-    scale, bias = _scalar(scale, acc, dev), _scalar(bias, acc, dev)
-    tscale = _scalar(tscale, acc, dev) if teacher else None
+    scale, bias = device_scalar(scale, acc, dev), device_scalar(bias, acc, dev)
+    tscale = device_scalar(tscale, acc, dev) if teacher else None
     g, rs = grad_row.to(acc), row_stats.to(acc)
     h, cs = (grad_col.to(acc), col_stats.to(acc)) if with_cols else (None, None)
     c = chunk_rows_for(m, n, q.dtype, teacher, chunk_rows)
-    factor = _fp16_factor(q.dtype, m, n)
+    factor = fp16_factor(q.dtype, m, n)
     dq = torch.empty(m, q.shape[1], dtype=acc, device=dev)
     dk = torch.zeros(n, k.shape[1], dtype=acc, device=dev)
-    triton_pass = _use_triton(q, fused) and acc == torch.float32
+    triton_pass = use_triton(q, fused) and acc == torch.float32
     if triton_pass:
         from .triton import contrastive_chunked as tcc
     col_args = (h[0], cs[0], h[2] if teacher else None, cs[1] if teacher else None) \
@@ -321,11 +333,7 @@ def stats_backward(grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, sca
         else:
             ds = chunk_ds_torch(x, t, scale, bias, tscale, *row_args, *col_args, q.dtype, factor)
         del x, t
-        if ds.dtype == acc:
-            torch.mm(ds, k, out=dq[c0:c1])
-        else:
-            dq[c0:c1] = mm_acc(ds, k)
-        dk = addmm_acc(dk, ds.T, q[c0:c1])
+        dk = gradient_gemms(ds, q[c0:c1], k, dq[c0:c1], dk)
         del ds
     if factor != 1.0:
         dq.div_(factor)

@@ -141,30 +141,40 @@ def sigmoid_loss_reference(image_features: Tensor, text_features: Tensor, logit_
     return total if sd is None else total + distill_weight * sd.sum() / n
 
 
+def sigmoid_pair_grad_reference(s: Tensor, positive: Tensor, t: Optional[Tensor] = None,
+                                distill_weight: float = 0.0) -> Tensor:
+    """G = d(l + w SD)/dS per pair, written out: -z sigmoid(-z S) + w (sigmoid(S) - sigmoid(T))
+    (the kernels run below autograd; the tests hold G against autograd of
+    sigmoid_loss_reference)."""
+    g = torch.where(positive, -torch.sigmoid(-s), torch.sigmoid(s))
+    if t is not None:
+        g = g + distill_weight * (torch.sigmoid(s) - torch.sigmoid(t))
+    return g
+
+
 def sigmoid_pairs_kernel(q: Tensor, k: Tensor, scale, bias, qlabels=None, klabels=None,
                          offset: int = 0, tq=None, tk=None, tscale=None, tbias=None,
                          distill_weight: float = 0.0, with_grads: bool = True,
-                         panel_rows: int = 0):
+                         chunk_rows: int = 0):
     """The "reference" kernel of calrft::sigmoid_pairs (docs/design.md): the kernel contract on
     materialised M x N logits, with the pair terms of sigmoid_pair_terms_reference and their
-    derivative G = dl/dS = -z sigmoid(-z S) + w (sigmoid(S) - sigmoid(T)) written out (the op's
-    implementation runs below autograd; the tests hold G against autograd of
-    sigmoid_loss_reference). Returns (parts [4] = (sum l + w SD, sum l, sum SD, sum G),
-    dq_u = G k, dk_u = G^T q), the gradients [0, d] without with_grads; float32, or float64 for
-    float64 inputs. panel_rows is the C++ kernel's tiling: no meaning here."""
+    derivative G (sigmoid_pair_grad_reference). Returns (parts [5] = (sum l + w SD, sum l,
+    sum SD, sum G, sum G X) with X = q k^T (0 without with_grads), dq_u = G k, dk_u = G^T q),
+    the gradients [0, d] without with_grads; float32, or float64 for float64 inputs.
+    chunk_rows is the other kernels' tiling: no meaning here."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, scale, bias, tq, tk, tscale, tbias = (_as_stats(x, dtype) for x in
                                                 (q, k, scale, bias, tq, tk, tscale, tbias))
-    s = scale * (q @ k.T) + bias
+    x = q @ k.T
+    s = scale * x + bias
     t = None if tq is None else tscale * (tq @ tk.T) + (0.0 if tbias is None else tbias)
     positive = sigmoid_positives(q.shape[0], k.shape[0], qlabels, klabels, offset, q.device)
     loss, sd = sigmoid_pair_terms_reference(s, positive, t)
     loss_sum = loss.sum()
     sd_sum = loss_sum.new_zeros(()) if sd is None else sd.sum()
-    g = torch.where(positive, -torch.sigmoid(-s), torch.sigmoid(s))
-    if t is not None:
-        g = g + distill_weight * (torch.sigmoid(s) - torch.sigmoid(t))
-    parts = torch.stack([loss_sum + distill_weight * sd_sum, loss_sum, sd_sum, g.sum()])
+    g = sigmoid_pair_grad_reference(s, positive, t, distill_weight)
+    gx = (g * x).sum() if with_grads else loss_sum.new_zeros(())
+    parts = torch.stack([loss_sum + distill_weight * sd_sum, loss_sum, sd_sum, g.sum(), gx])
     if not with_grads:
         return parts, q.new_empty(0, q.shape[1]), k.new_empty(0, k.shape[1])
     return parts, (g @ k).contiguous(), (g.T @ q).contiguous()

@@ -9,7 +9,9 @@ How the work is split (docs/design.md, "The sigmoid loss", has the derivation an
 - The op `calrft::sigmoid_pairs` (torch.library: fake kernel, registered autograd, so the loss
   works under torch.compile) runs one kernel per backend, all with one contract:
     "cpu"       C++ kernel (csrc/cpu/sigmoid.cpp): tiles never stored
-    "reference" materialised logits, G by autograd (calrft_kernels/reference.py)
+    "chunked"   cuBLAS GEMMs on bounded row chunks + one fused Triton pass per chunk
+                (calrft_kernels/sigmoid_chunked.py): the default on CUDA tensors
+    "reference" materialised logits (calrft_kernels/reference.py)
   The loss is a sum of independent pair terms, so G = dl/dS of a tile is known as soon as the
   tile is: the kernel emits dq_u = G k and dk_u = G^T q in the same pass (3 products with
   gradients, 1 without; the teacher tile adds 1) and the backward only scales them.
@@ -31,21 +33,36 @@ from .pairs import (Operands, Teacher, check_chunk_rows, check_feature_pair, che
 
 __all__ = ["sigmoid_loss", "sigmoid_terms", "SigmoidInputs", "SigmoidTerms", "sigmoid_pairs"]
 
-KERNELS = ("cpu", "reference")
+KERNELS = ("cpu", "chunked", "reference")
 
 
 # --------------------------------------------------------------------------------------------
 # The op: one name, a kernel per backend, fake kernel, autograd.
 # --------------------------------------------------------------------------------------------
+def _cpu_kernel(q, k, scale, bias, qlabels, klabels, offset, tq, tk, tscale, tbias,
+                distill_weight, with_grads, chunk_rows):
+    """The C++ kernel, whose parts are the first 4 of the contract; sum G X = <q, G k> is one
+    O(M d) dot product of its dq_u (the kernel never holds X and G of a pair together in a
+    reducible form)."""
+    mod, why = _backend.native()
+    if mod is None:
+        raise RuntimeError(why)
+    parts, dq_u, dk_u = mod.sigmoid_loss_forward_cpu(q, k, scale, bias, qlabels, klabels, offset,
+                                                     tq, tk, tscale, tbias, distill_weight,
+                                                     with_grads, chunk_rows)
+    gx = torch.vdot(q.reshape(-1), dq_u.reshape(-1)) if with_grads else parts.new_zeros(())
+    return torch.cat([parts, gx.reshape(1)]), dq_u, dk_u
+
+
 def _kernel(backend: str):
     """The forward of a concrete backend; every one follows docs/design.md's contract:
     forward(q, k, scale, bias, qlabels, klabels, offset, tq, tk, tscale, tbias, distill_weight,
-            with_grads, panel_rows) -> (parts [4], dq_u [M or 0, d], dk_u [N or 0, d])."""
+            with_grads, chunk_rows) -> (parts [5], dq_u [M or 0, d], dk_u [N or 0, d])."""
     if backend == "cpu":
-        mod, why = _backend.native()
-        if mod is None:
-            raise RuntimeError(why)
-        return mod.sigmoid_loss_forward_cpu
+        return _cpu_kernel
+    if backend == "chunked":
+        from . import sigmoid_chunked
+        return sigmoid_chunked.pairs_forward
     if backend == "reference":
         from . import reference
         return reference.sigmoid_pairs_kernel
@@ -66,15 +83,15 @@ def sigmoid_pairs(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, qlabels: Op
     Returns (loss: 0-dim, differentiable; detail [4] = (sum l, sum SD, sum G, sum G X) with
     X = q k^T; dq_u = G k and dk_u = G^T q, or [0, d] without with_grads). Only `loss` is
     differentiable. Positive pairs: qlabels[i] == klabels[j], or without labels j == i + offset.
-    chunk_rows: rows per panel of the "cpu" kernel (0: its default, at most 256)."""
+    chunk_rows: rows per panel of the "cpu" kernel (0: its default, at most 256), rows per
+    chunk of the "chunked" kernel (0: from its buffer budget)."""
     q, k, scale, bias, qlabels, klabels, tq, tk, tscale, tbias = (
         None if t is None else t.detach()
         for t in (q, k, scale, bias, qlabels, klabels, tq, tk, tscale, tbias))
     parts, dq_u, dk_u = _kernel(backend)(q, k, scale, bias, qlabels, klabels, offset, tq, tk,
                                          tscale, tbias, distill_weight, with_grads, chunk_rows)
-    # sum_ij G_ij X_ij = <q, G k>: the scale's gradient, O(M d) here instead of a saved q.
-    gx = torch.vdot(q.reshape(-1), dq_u.reshape(-1)) if with_grads else parts.new_zeros(())
-    return parts[0].clone(), torch.cat([parts[1:], gx.reshape(1)]), dq_u, dk_u
+    # parts[4] = sum_ij G_ij X_ij: the scale's gradient
+    return parts[0].clone(), parts[1:].clone(), dq_u, dk_u
 
 
 @sigmoid_pairs.register_fake
@@ -165,8 +182,8 @@ class SigmoidInputs:
                                      "teacher_logit_scale": teacher and teacher.scale,
                                      "teacher_logit_bias": teacher and teacher.bias})
         chunk_rows = check_chunk_rows(chunk_rows)
-        backend = _backend.resolve(backend, image.device, "sigmoid_loss", auto_cuda=None,
-                                   kernels=KERNELS)
+        backend = _backend.resolve(backend, image.device, "sigmoid_loss", auto_cuda="chunked",
+                                   chunked=True, kernels=KERNELS)
         return cls(image, text, scale, bias, labels, teacher, distill_weight, backend,
                    chunk_rows, process_group)
 
@@ -239,8 +256,10 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale, log
     process_group: each rank passes its local rows and gets the loss of those rows against every
     rank's text rows, divided by its local batch (open_clip's distributed SigLipLoss: the ranks'
     mean is the global batch's loss, and DDP's gradient averaging gives its gradient); backend:
-    "auto" ("cpu" on CPU tensors; CUDA tensors have no kernel yet), "cpu" or "reference";
-    chunk_rows: rows per panel of the "cpu" kernel (default and maximum 256).
+    "auto" ("cpu" on CPU tensors, "chunked" on CUDA tensors), "cpu", "chunked" (cuBLAS GEMMs
+    on bounded row chunks and one fused Triton pass each; plain torch passes on CPU tensors) or
+    "reference"; chunk_rows: rows per panel of the "cpu" kernel (default and maximum 256), rows
+    per chunk of "chunked" (default: as many as calrft_kernels.chunked.MAX_BUFFER_BYTES holds).
     Returns a 0-dim tensor in the features' dtype. Double backward is not supported.
     """
     inputs = SigmoidInputs.validate(

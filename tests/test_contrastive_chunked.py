@@ -155,8 +155,8 @@ def test_stats_kernel_with_triton_passes_matches_reference(dtype, teacher):
 def test_fp16_gradients_of_a_large_batch_do_not_underflow():
     """dS ~ 1/B is below fp16's normal range at large B: the pre-scale keeps it representable."""
     m = n = 4096
-    assert chunked._fp16_factor(torch.float16, m, n) == 4096.0
-    assert chunked._fp16_factor(torch.bfloat16, m, n) == 1.0
+    assert chunked.fp16_factor(torch.float16, m, n) == 4096.0
+    assert chunked.fp16_factor(torch.bfloat16, m, n) == 1.0
     x = torch.zeros(3, 5)
     g = torch.full((3,), 0.5 / m)
     r = torch.full((3,), float(torch.log(torch.tensor(float(n)))))  # uniform softmax: p = 1/n

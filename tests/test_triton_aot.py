@@ -95,6 +95,54 @@ def compile_chunk(job):
                 stack=stack, wgmma=False, mma=False)
 
 
+# The sigmoid family's chunked pass (calrft_kernels/triton/sigmoid_chunked.py): one shipped
+# configuration, fp32 buffers; G is written in every operand dtype.
+SIGMOID_VARIANTS = [(teacher, labels) for teacher in (False, True) for labels in (False, True)]
+
+
+def _sigmoid_jobs():
+    jobs = []
+    for teacher, labels in SIGMOID_VARIANTS:
+        for g_dtype in CHUNK_DS_DTYPES:
+            jobs.append(("sigmoid:pairs", g_dtype, teacher, labels, True))
+        jobs.append(("sigmoid:pairs", "fp32", teacher, labels, False))  # no_grad: no G written
+    return jobs
+
+
+def compile_sigmoid(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from calrft_kernels.triton import sigmoid_chunked as mod
+
+    kernel_name, g_dtype, teacher, labels, with_grads = job
+    fn = mod.KERNELS["pairs"]
+    cfg = mod.CONFIG
+    sig = {"x_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": "*" + g_dtype, "part_ptr": "*fp32",
+           "scale_ptr": "*fp32", "bias_ptr": "*fp32", "tscale_ptr": "*fp32",
+           "tbias_ptr": "*fp32", "qlabels_ptr": "*i64", "klabels_ptr": "*i64", "row0": "i32",
+           "C": "i32", "N": "i32", "weight": "fp32", "factor": "fp32"}
+    constexprs = {"HAS_TEACHER": teacher, "HAS_LABELS": labels, "WITH_GRADS": with_grads,
+                  **cfg.kwargs}
+    signature = {**sig, **{c: "constexpr" for c in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+             if sig[a].startswith("*") or a in ("C", "N")}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
+                                                      compiled.metadata.name)
+    return dict(kernel=kernel_name, config=0, **cfg.kwargs, BLOCK_D="-",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=g_dtype,
+                precision="-", teacher=teacher, with_cols="-", labels=labels,
+                with_grads=with_grads, ptx_bytes=len(ptx),
+                cubin_bytes=len(compiled.asm["cubin"]), regs=regs,
+                shared=compiled.metadata.shared + static_smem, spill_local=local, stack=stack,
+                wgmma=False, mma=False)
+
+
 def _resource_usage(cubin: bytes, name: str):
     """REG / SHARED (static) / LOCAL (spill) bytes from cuobjdump (bundled with triton)."""
     import tempfile
@@ -133,6 +181,8 @@ def _jobs(full):
 def compile_one(job):
     if job[0].startswith("chunk:"):
         return compile_chunk(job)
+    if job[0].startswith("sigmoid:"):
+        return compile_sigmoid(job)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -163,7 +213,7 @@ def compile_one(job):
 
 def compile_all(full=False, workers=2):
     from concurrent.futures import ProcessPoolExecutor
-    jobs = _jobs(full) + _chunk_jobs()
+    jobs = _jobs(full) + _chunk_jobs() + _sigmoid_jobs()
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(compile_one, jobs))
 
@@ -190,8 +240,11 @@ def test_every_shipped_config_compiles_for_sm90():
     from calrft_kernels.triton import contrastive as mod
     all_records = _run_subprocess()
     chunk_records = [r for r in all_records if r["kernel"].startswith("chunk:")]
-    records = [r for r in all_records if not r["kernel"].startswith("chunk:")]
+    sigmoid_records = [r for r in all_records if r["kernel"].startswith("sigmoid:")]
+    records = [r for r in all_records if r["kernel"] not in ("chunk:stats", "chunk:ds")
+               and not r["kernel"].startswith("sigmoid:")]
     _check_chunk_records(chunk_records)
+    _check_sigmoid_records(sigmoid_records)
     n_configs = len(mod.FORWARD_CONFIGS) + len(mod.BACKWARD_CONFIGS)
     assert len(records) == n_configs * (len(DTYPES) + 1)
     for kernel_name, configs in (("forward", mod.FORWARD_CONFIGS),
@@ -215,6 +268,18 @@ def _check_chunk_records(records):
     assert len(records) == len(VARIANTS) * (1 + len(CHUNK_DS_DTYPES)), records
     for r in records:
         what = f"{r['kernel']} {r['dtype']} teacher={r['teacher']} with_cols={r['with_cols']}"
+        assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, what
+        assert 0 < r["regs"] <= 255 and r["spill_local"] == 0, (what, r)
+        assert r["shared"] <= SM90_MAX_DYNAMIC_SHARED, what
+
+
+def _check_sigmoid_records(records):
+    """Every variant of the sigmoid family's chunked pass compiled for sm_90, without spills."""
+    assert len(records) == len(_sigmoid_jobs()), records
+    assert {(r["dtype"], r["teacher"], r["labels"], r["with_grads"]) for r in records} == {
+        job[1:] for job in _sigmoid_jobs()}
+    for r in records:
+        what = f"sigmoid pass {r['dtype']} teacher={r['teacher']} labels={r['labels']}"
         assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, what
         assert 0 < r["regs"] <= 255 and r["spill_local"] == 0, (what, r)
         assert r["shared"] <= SM90_MAX_DYNAMIC_SHARED, what

@@ -48,7 +48,8 @@ def _interpreted() -> bool:
 def _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn, C, N, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """Tile (pm, pn) of the chunk buffer as logits S = scale * x + bias, with its row / column
-    indices, their masks and the element offsets (shared by both passes)."""
+    indices, their masks, the element offsets and the raw product x (shared by both passes and
+    by the sigmoid family's pass, triton/sigmoid_chunked.py)."""
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < C
@@ -57,8 +58,9 @@ def _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn, C, N, BLOCK_M: tl.constexpr
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
-    s = scale * tl.load(x_ptr + offs, mask=ok, other=0.0) + bias
-    return rows, cols, row_ok, col_ok, ok, offs, s
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    s = scale * x + bias
+    return rows, cols, row_ok, col_ok, ok, offs, s, x
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def _chunk_stats_kernel(x_ptr, t_ptr, scale_ptr, bias_ptr, tscale_ptr, row_part_
     pn = tl.program_id(1)
     p_m = tl.num_programs(0)
     p_n = tl.num_programs(1)
-    rows, cols, row_ok, col_ok, ok, offs, s = _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn, C, N,
-                                                           BLOCK_M, BLOCK_N)
+    rows, cols, row_ok, col_ok, ok, offs, s, _ = _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn,
+                                                              C, N, BLOCK_M, BLOCK_N)
     # Row partials of this column tile -> row_part[k, pn, row] (k-major, [K, p_n, C]).
     s_row = tl.where(col_ok[None, :], s, float("-inf"))
     m0 = tl.max(s_row, axis=1)
@@ -113,8 +115,8 @@ def _chunk_ds_kernel(x_ptr, t_ptr, ds_ptr, scale_ptr, bias_ptr, tscale_ptr, g0_p
                      BLOCK_N: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
-    rows, cols, row_ok, col_ok, ok, offs, s = _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn, C, N,
-                                                           BLOCK_M, BLOCK_N)
+    rows, cols, row_ok, col_ok, ok, offs, s, _ = _logits_tile(x_ptr, scale_ptr, bias_ptr, pm, pn,
+                                                              C, N, BLOCK_M, BLOCK_N)
     g0 = tl.load(g0_ptr + rows, mask=row_ok, other=0.0)
     r0 = tl.load(r0_ptr + rows, mask=row_ok, other=0.0)
     ds = g0[:, None] * tl.exp(s - r0[:, None])
