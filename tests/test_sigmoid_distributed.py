@@ -10,7 +10,7 @@ from calrft_kernels import CaRotLoss, SigLipLoss, sigmoid_loss
 from calrft_kernels.losses import SIGLIP_DIST_IMPLS
 
 WORLDS = (2, 3)
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "chunked", "reference")
 B_LOCAL, DIM = 5, 6
 
 OPTIONS = {
@@ -43,7 +43,7 @@ def run_loss(batch, rows, option, backend, group=None):
         kw.update(teacher_image_features=batch["t_image"][rows],
                   teacher_text_features=batch["t_text"][rows], teacher_logit_scale=5.0,
                   teacher_logit_bias=-1.5, distill_weight=opt["distill_weight"])
-    if backend == "cpu" and "chunk_rows" in opt:
+    if backend in ("cpu", "chunked") and "chunk_rows" in opt:
         kw["chunk_rows"] = opt["chunk_rows"]
     loss = sigmoid_loss(image, text, scale, bias, process_group=group, backend=backend, **kw)
     loss.backward()

@@ -1,6 +1,8 @@
 """sigmoid_loss (SigLIP's pairwise sigmoid loss + CaRot's distillation) against the one float64
 reference (calrft_kernels.reference.sigmoid_loss_reference) and against open_clip's own
-SigLipLoss, for every backend that runs here: the C++ kernel ("cpu") and "reference"."""
+SigLipLoss, for every backend that runs here: the C++ kernel ("cpu"), "chunked" (GEMMs on row
+chunks with its plain-torch pass on CPU tensors; its Triton pass and CUDA branch are tested in
+tests/test_sigmoid_chunked.py and tests/test_fake_cuda.py) and "reference"."""
 import math
 
 import pytest
@@ -11,7 +13,7 @@ from calrft_kernels import SigLipLoss, sigmoid_loss, testing
 from calrft_kernels.reference import (sigmoid_loss_reference, sigmoid_pair_terms_reference,
                                       sigmoid_pairs_kernel, sigmoid_positives)
 
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "chunked", "reference"]
 # (B, d): awkward sizes, one row, one column, d up to 1024, B past one 256-column tile, and
 # B = 700, d = 64, large enough for the C++ kernel to run on every thread.
 SIZES = [(1, 1), (2, 3), (17, 1024), (64, 16), (129, 7), (130, 257), (300, 5), (700, 64)]
@@ -102,11 +104,13 @@ def test_float64_matches_open_clip_siglip_loss(backend, b, d, bias):
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 33, 100, 256, 1000])
-def test_panels_that_do_not_divide_the_batch(chunk_rows):
-    """chunk_rows sets the C++ kernel's rows per panel (at most 256): every split gives the
-    reference's numbers, across 256-column tiles (B = 300)."""
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+def test_panels_that_do_not_divide_the_batch(backend, chunk_rows):
+    """chunk_rows sets the C++ kernel's rows per panel (at most 256) and the chunked kernel's
+    rows per chunk: every split gives the reference's numbers, across 256-column tiles
+    (B = 300)."""
     inputs, kwargs = make_inputs(300, 9, bias=True, labels=True, distill=True, seed=2)
-    got = loss_and_grads(sigmoid_loss, inputs, kwargs, backend="cpu", chunk_rows=chunk_rows)
+    got = loss_and_grads(sigmoid_loss, inputs, kwargs, backend=backend, chunk_rows=chunk_rows)
     assert_matches(got, reference64(inputs, kwargs), rtol=1e-11, atol=1e-13)
 
 
@@ -227,9 +231,10 @@ def test_nan_features_give_a_nan_loss():
 # ---- the kernel contract: row-only calls of a process group's local rows ---------------------
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_kernel_matches_the_reference_kernel_for_local_rows(dtype, labels):
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+def test_kernels_match_the_reference_kernel_for_local_rows(backend, dtype, labels):
     """M local rows (global rows offset..offset+M) against N keys, labels of rows and keys
-    given separately: the contract the process-group path will call."""
+    given separately: the contract the process-group path calls (chunks of 16 rows)."""
     gen = torch.Generator().manual_seed(9)
     m, n, d, offset = 45, 310, 6, 200
     q, k = (torch.randn(x, d, generator=gen, dtype=dtype) for x in (m, n))
@@ -238,10 +243,11 @@ def test_cpu_kernel_matches_the_reference_kernel_for_local_rows(dtype, labels):
     lab = (torch.randint(0, 9, (m,), generator=gen), torch.randint(0, 9, (n,), generator=gen)) \
         if labels else (None, None)
     args = (q, k, scalar(4.0), scalar(-3.0), *lab, offset, tq, tk, scalar(2.0), scalar(-1.0),
-            0.7, True, 0)
-    import calrft_kernels._backend as backend
-    got = backend.native()[0].sigmoid_loss_forward_cpu(*args)
+            0.7, True, 16)
+    from calrft_kernels.sigmoid import _kernel
+    got = _kernel(backend)(*args)
     want = sigmoid_pairs_kernel(*args)
+    assert got[0].shape == want[0].shape == (5,)
     tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol)
@@ -309,17 +315,9 @@ def _ones(*shape, dtype=torch.float64):
      "teacher_logit_bias must be finite"),
     ({"chunk_rows": 0}, ValueError, "chunk_rows must be a positive int"),
     ({"backend": "triton"}, ValueError, "no triton kernel"),
-    ({"backend": "chunked"}, ValueError, "no chunked kernel"),
     ({"backend": "cuda"}, ValueError, "no cuda kernel"),
     ({"backend": "gpu"}, ValueError, "backend must be one of"),
 ])
 def test_bad_input_names_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         _bad_call(**changes)()
-
-
-def test_no_kernel_for_cuda_tensors_yet_is_said_clearly():
-    from calrft_kernels import _backend
-    with pytest.raises(ValueError, match="sigmoid_loss has no kernel for CUDA tensors yet"):
-        _backend.resolve("auto", torch.device("cuda"), "sigmoid_loss", auto_cuda=None,
-                         kernels=("cpu", "reference"))

@@ -10,7 +10,7 @@ from _op_util import pair_operands
 from calrft_kernels import sigmoid_loss, testing
 from calrft_kernels.sigmoid import sigmoid_pairs  # noqa: F401  (registers the op)
 
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "chunked", "reference"]
 
 
 def _args(backend, teacher, labels, with_grads, dtype=torch.float32, requires_grad=True):

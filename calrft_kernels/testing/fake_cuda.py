@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parents[1]
 # Every module of the package that defines Triton kernels (each has its LAUNCHES table).
 KERNEL_MODULES = ("calrft_kernels.triton.contrastive", "calrft_kernels.triton.contrastive_chunked",
-                  "calrft_kernels.triton.covariance")
+                  "calrft_kernels.triton.covariance", "calrft_kernels.triton.sigmoid_chunked")
 CUDA_SOURCES = ("csrc/cuda/davidson.cu",)
 
 
