@@ -254,10 +254,18 @@ def device_scalar(x, dtype, device) -> Tensor:
     return torch.as_tensor(x, dtype=dtype, device=device).reshape(())
 
 
-def fp16_factor(dtype: torch.dtype, m: int, n: int) -> float:
-    """Power-of-two pre-scale of dS before rounding to fp16 (gradients of means are O(1/B),
-    below fp16's normal range at large B); 1 for every other dtype."""
-    return float(2 ** math.ceil(math.log2(max(m, n)))) if dtype == torch.float16 else 1.0
+def fp16_factor(dtype: torch.dtype, m: int, n: int, bound: Optional[float] = None) -> float:
+    """Power-of-two pre-scale of a gradient buffer before rounding to fp16 (1 for every other
+    dtype), so that its small entries stay in fp16's normal range; the fp32 products are divided
+    back exactly. Without `bound` (the softmax family's dS, entries O(1/B), below fp16's
+    normal range at large B): 2^ceil(log2 max(m, n)). With `bound`, the largest magnitude an
+    entry can have (the sigmoid family's G: |G| < 1 + distill_weight): the largest power of two
+    keeping bound x factor <= 2^15, below fp16's largest finite value (65504)."""
+    if dtype != torch.float16:
+        return 1.0
+    if bound is None:
+        return float(2 ** math.ceil(math.log2(max(m, n))))
+    return float(2 ** (15 - math.ceil(math.log2(max(bound, 1.0)))))
 
 
 def stats_forward(q: Tensor, k: Tensor, scale, bias, tq: Optional[Tensor] = None,

@@ -20,7 +20,9 @@ both on CPU tensors (Triton under TRITON_INTERPRET=1) and compare them. Precisio
 softmax family's chunked kernel (calrft_kernels/chunked.py): fp32 operands follow torch's
 matmul precision setting; fp16 / bf16 operands (CUDA) use cuBLAS's half GEMM with an fp32
 result; G is rounded to the operand dtype for its two GEMMs, fp16 G pre-scaled by a power of
-two (chunked.fp16_factor) and the products unscaled in fp32.
+two (chunked.fp16_factor: |G| < 1 + distill_weight, so G x 2^15 / 2^ceil(log2(1 + w)) stays
+finite while SigLIP's ~4.5e-5 negatives leave fp16's subnormal range) and the products unscaled
+in fp32.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def pairs_forward(q: Tensor, k: Tensor, scale, bias, qlabels: Optional[Tensor] =
     scale, bias = scalar(scale), scalar(bias)
     tscale, tbias = (scalar(tscale), scalar(tbias)) if teacher else (None, None)
     c = chunked.chunk_rows_for(m, n, q.dtype, teacher, chunk_rows)
-    factor = chunked.fp16_factor(q.dtype, m, n) if with_grads else 1.0
+    # |G| < 1 + distill_weight: fp16 G is scaled up to just below fp16's range
+    factor = chunked.fp16_factor(q.dtype, m, n, bound=1.0 + distill_weight) if with_grads else 1.0
     dq = torch.empty(m if with_grads else 0, q.shape[1], dtype=acc, device=dev)
     dk = torch.zeros(n if with_grads else 0, k.shape[1], dtype=acc, device=dev)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
