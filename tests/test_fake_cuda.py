@@ -67,10 +67,22 @@ def test_fake_cuda_tensors_take_cuda_only_overloads():
 
 
 def test_every_kernel_of_the_package_has_a_launch_contract_naming_its_parameters():
+    import importlib
+    import pkgutil
+
+    import calrft_kernels.triton as triton_package
     from calrft_kernels.triton import contrastive_chunked as tcc
+    from calrft_kernels.triton import sigmoid_chunked as tsc
     modules = {tc: tc.KERNELS.values(), tcc: tcc.KERNELS.values(),
-               tcov: [tcov._column_sum_kernel, tcov._centred_gram_kernel]}
+               tcov: [tcov._column_sum_kernel, tcov._centred_gram_kernel],
+               tsc: tsc.KERNELS.values()}
     assert {m.__name__ for m in modules} == set(fake_cuda.KERNEL_MODULES)
+    # every module of calrft_kernels.triton that defines a Triton function is listed
+    for info in pkgutil.iter_modules(triton_package.__path__):
+        module = importlib.import_module(f"calrft_kernels.triton.{info.name}")
+        jitted = [v for v in vars(module).values() if hasattr(v, "fn") and
+                  getattr(python_function(v), "__module__", None) == module.__name__]
+        assert bool(jitted) == (module.__name__ in fake_cuda.KERNEL_MODULES), module.__name__
     for module, kernels in modules.items():
         names = {python_function(k).__name__ for k in kernels}
         assert names == set(module.LAUNCHES), module.__name__
@@ -451,11 +463,120 @@ def test_the_native_double_refuses_what_the_cuda_solver_would():
             double(a, a.new_empty(63), empty, 0.0, 1, 1e-6, 100)
 
 
-def test_sigmoid_loss_refuses_cuda_tensors_until_its_kernel_lands():
+# ---- sigmoid_loss: the chunked kernel's CUDA branch, forward and backward --------------------
+
+def _sigmoid_kwargs(fc, b, dtype, teacher, labels):
+    kw = {}
+    if teacher:
+        kw = _teacher_kwargs(fc, b, 512, dtype)
+        kw["teacher_logit_bias"] = torch.tensor(-8.0, device="cuda")
+    if labels:
+        kw["labels"] = torch.zeros(b, dtype=torch.int64, device="cuda")
+    return kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("labels", [False, True])
+def test_sigmoid_chunked_default_on_cuda(dtype, teacher, labels):
+    """backend "auto" is the chunked kernel on CUDA: one fused pass per chunk in the forward
+    (G formed there), nothing launched by the backward, which only scales dq_u / dk_u."""
+    b, d = BIG_B, BIG_D
     with FakeCuda() as fc:
-        x, y = _pair(fc, 64, 32, torch.bfloat16)
-        with pytest.raises(ValueError, match="no kernel for CUDA tensors yet"):
-            ck.sigmoid_loss(x, y, 10.0, -10.0)
+        x, y = _pair(fc, b, d, dtype)
+        scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+        bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+        loss = ck.sigmoid_loss(x, y, scale, bias, **_sigmoid_kwargs(fc, b, dtype, teacher, labels))
+        assert loss.dtype == dtype and loss.shape == ()
+        passes = list(fc.launches)
+        loss.backward()
+        assert len(fc.launches) == len(passes)
+        assert x.grad.dtype == y.grad.dtype == dtype and y.grad.shape == (b, d)
+        assert scale.grad.dtype == bias.grad.dtype == torch.float32
+        c = chunked.chunk_rows_for(b, b, dtype, teacher)
+        starts = list(range(0, b, c))
+        assert [r.name for r in passes] == ["_sigmoid_chunk_kernel"] * len(starts)
+        for r, c0 in zip(passes, starts):
+            a = r.args
+            assert tuple(a.x_ptr.shape) == (min(c, b - c0), b) and a.row0 == c0
+            assert a.HAS_TEACHER is teacher and a.HAS_LABELS is labels and a.WITH_GRADS is True
+            # the dtype policy: G in the operands' dtype (16-bit G for 16-bit features), fp16
+            # pre-scaled below fp16's range (|G| < 1 + w, w = 0.5 with the teacher)
+            assert a.g_ptr.dtype == dtype
+            want = (2.0 ** 14 if teacher else 2.0 ** 15) if dtype == torch.float16 else 1.0
+            assert a.factor == want
+        assert (fc.ops["aten.mm.dtype"] > 0) == (dtype in HALF)     # half GEMMs, fp32 results
+        assert [r.site.split(" in ")[1] for r in fc.syncs()] == ["check_tensor_scalars_finite"]
+
+
+def test_sigmoid_under_no_grad_runs_the_forward_product_and_the_pass_only():
+    b, d = BIG_B, BIG_D
+    with FakeCuda() as fc, torch.no_grad():
+        x, y = _pair(fc, b, d, torch.bfloat16)
+        ck.sigmoid_loss(x, y, 10.0, -10.0)
+        passes = fc.launched("_sigmoid_chunk_kernel")
+        n_chunks = -(-b // chunked.chunk_rows_for(b, b, torch.bfloat16, False))
+        assert len(passes) == n_chunks and all(r.args.WITH_GRADS is False for r in passes)
+        assert fc.ops["aten.mm.dtype"] == n_chunks and fc.ops["aten.addmm.dtype"] == 0
+
+
+def test_sigmoid_under_device_checks_false_never_synchronises():
+    with FakeCuda() as fc:
+        x, y = _pair(fc, 4096, 512, torch.bfloat16)
+        with ck.device_checks(False):
+            loss = ck.sigmoid_loss(x, y, torch.tensor(10.0, device="cuda"),
+                                   torch.tensor(-10.0, device="cuda"),
+                                   **_sigmoid_kwargs(fc, 4096, torch.bfloat16, True, True))
+        loss.backward()
+        assert fc.syncs() == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("labels", [False, True])
+def test_sigmoid_process_group_scores_local_rows_against_gathered_text(dtype, teacher, labels):
+    """Rank 1 of 4: its rows against every rank's text rows (row-only by nature), positives at
+    the local rows' place in the global batch; only the text side (and the global labels, the
+    teacher's text) gathered; the text gradient all-reduced to its ranks."""
+    b, d = 2048, 256
+    with FakeCuda() as fc:
+        group = fc.process_group(rank=1, world=4)
+        x, y = _pair(fc, b, d, dtype)
+        loss = ck.sigmoid_loss(x, y, torch.tensor(10.0, device="cuda"), process_group=group,
+                               chunk_rows=1000, **_sigmoid_kwargs(fc, b, dtype, teacher, labels))
+        loss.backward()
+        assert x.grad.shape == y.grad.shape == (b, d) and x.grad.dtype == dtype
+        passes = fc.launched("_sigmoid_chunk_kernel")
+        assert [tuple(r.args.x_ptr.shape) for r in passes] == [(1000, 4 * b), (1000, 4 * b),
+                                                                (48, 4 * b)]
+        if not labels:
+            assert [r.args.row0 for r in passes] == [b, b + 1000, b + 2000]
+        else:
+            assert all(r.args.qlabels_ptr.shape == (r.args.C,) for r in passes)
+            assert all(r.args.klabels_ptr.shape == (4 * b,) for r in passes)
+        gathers = [c for c in fc.collectives if c[0] == "all_gather"]
+        assert len(gathers) == 1 + labels + teacher        # text (+ labels, teacher text)
+        assert ("all_reduce", (4 * b, d), dtype, "cuda:0") in fc.collectives
+
+
+def test_sigmoid_backends_that_do_not_exist_on_cuda_say_so():
+    with FakeCuda():
+        x, y = (torch.empty(8, 4, device="cuda") for _ in range(2))
+        with pytest.raises(ValueError, match="C\\+\\+ CPU kernels need CPU tensors"):
+            ck.sigmoid_loss(x, y, 10.0, backend="cpu")
+        with pytest.raises(ValueError, match="no triton kernel"):
+            ck.sigmoid_loss(x, y, 10.0, backend="triton")
+
+
+def test_siglip_loss_and_carot_sigmoid_family_on_cuda():
+    b, d = 8192, 512
+    with FakeCuda() as fc:
+        x, y = _pair(fc, b, d, torch.bfloat16)
+        scale = torch.tensor(2.3, device="cuda", requires_grad=True)
+        bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+        ck.SigLipLoss()(x, y, scale.exp(), bias).backward()
+        assert scale.grad is not None and bias.grad is not None
+        assert fc.launched("_sigmoid_chunk_kernel")
 
 
 # ---- the trainer: whole steps on the device ----------------------------------------------------
