@@ -1,14 +1,15 @@
 """Everything worth measuring on a lent GPU, in one short run (see DEVELOPERS.md: ~15 minutes of
 device time per task, so this script must spend it measuring, not debugging).
 
-    python benchmarks/gpu_suite.py [--skip-build] [--sections loss,covariance,spectral,trainer] [--out FILE]
+    python benchmarks/gpu_suite.py [--skip-build] [--sections loss,sigmoid,covariance,spectral,trainer] [--out FILE]
 
 1. builds the extension in place with CUDA for the local GPU's architecture (unless --skip-build),
 2. runs each section module benchmarks/gpu/<name>.py (`run() -> list[dict]`): each checks every
    kernel configuration against a float64 reference, then times it with CUDA events,
 3. prints one table (op, config, check, ms, TFLOP/s, note) and writes it as Markdown.
-A section that fails is reported in the table and the others still run. The loss section needs
-no native code, so (unless --no-parallel-loss) it runs in a child process during the build.
+A section that fails is reported in the table and the others still run. The two loss sections
+(softmax "loss", sigmoid "sigmoid") need no native code, so (unless --no-parallel-loss) they run
+in a child process, one after the other, during the build.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("loss", "covariance", "spectral", "trainer")
+SECTIONS = ("loss", "sigmoid", "covariance", "spectral", "trainer")
+# Sections that need no native code: run in a child process while the extension builds.
+BUILD_FREE = ("loss", "sigmoid")
 
 
 def build_extension(jobs: int | None = None) -> str:
@@ -49,15 +52,18 @@ def run_section(name: str) -> list[dict]:
                  "tflops": None, "note": traceback.format_exc(limit=3).strip().splitlines()[-1]}]
 
 
-def start_section_child(name: str):
-    """Run one section in a child process (it must not need the native extension: the loss
-    section runs torch.mm and Triton only) while this process builds the extension."""
+def start_section_child(names):
+    """Run sections (a name or a list of names, one after the other) in a child process (they
+    must not need the native extension: the loss sections run torch.mm and Triton only) while
+    this process builds the extension."""
+    names = [names] if isinstance(names, str) else list(names)
     code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); "
             f"from benchmarks.gpu_suite import run_section; "
-            f"print('@@ROWS@@' + json.dumps(run_section({name!r})))")
+            f"print('@@ROWS@@' + json.dumps([row for name in {names!r} "
+            f"for row in run_section(name)]))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    return name, proc
+    return ",".join(names), proc
 
 
 def finish_section_child(child) -> list[dict]:
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--no-parallel-loss", dest="parallel_loss", action="store_false",
-                        help="run the loss section after the build instead of during it")
+                        help="run the loss sections after the build instead of during it")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "gpu_suite_results.md"))
     args = parser.parse_args(argv)
@@ -98,18 +104,19 @@ def main(argv=None) -> int:
     names = [name.strip() for name in args.sections.split(",")]
     rows = []
     if not args.skip_build:
-        # The loss section needs no native code: it runs in a child process while the
-        # extension builds (two cores left to it), which keeps the suite under 5 minutes.
-        child = start_section_child("loss") if "loss" in names and args.parallel_loss else None
+        # The loss sections need no native code: they run in a child process while the
+        # extension builds (two cores left to it), which keeps the suite short.
+        early = [n for n in names if n in BUILD_FREE] if args.parallel_loss else []
+        child = start_section_child(early) if early else None
         start = time.time()
         print(build_extension(jobs=max(1, (os.cpu_count() or 4) - 2) if child else None),
               flush=True)
         if child is not None:
-            names.remove("loss")
+            names = [n for n in names if n not in early]
             section = finish_section_child(child)
             rows += section
-            print(f"[loss] {len(section)} rows in {time.time() - start:.0f}s (during the build)",
-                  flush=True)
+            print(f"[{','.join(early)}] {len(section)} rows in {time.time() - start:.0f}s "
+                  f"(during the build)", flush=True)
     for name in names:
         start = time.time()
         section = run_section(name)
