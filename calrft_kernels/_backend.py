@@ -93,8 +93,8 @@ def resolve(backend: str, device, op: str, *, cuda_symbol: str | None = None,
             kernels: tuple | None = None) -> str:
     """Map backend="auto" to a concrete one for `device`, and check a forced one exists here.
     auto_cuda: what "auto" means on CUDA tensors for this op; chunked: whether the op has a
-    "chunked" kernel (plain torch.mm plus optional Triton passes: runs on any device); kernels: the concrete backends the op has
-    (None: every one of BACKENDS)."""
+    "chunked" kernel (plain torch.mm plus optional Triton passes: runs on any device); kernels:
+    the concrete backends the op has (None: every one of BACKENDS)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if kernels is not None and backend != "auto" and backend not in kernels:

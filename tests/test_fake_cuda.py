@@ -505,7 +505,10 @@ def test_sigmoid_chunked_default_on_cuda(dtype, teacher, labels):
             assert a.g_ptr.dtype == dtype
             want = (2.0 ** 14 if teacher else 2.0 ** 15) if dtype == torch.float16 else 1.0
             assert a.factor == want
-        assert (fc.ops["aten.mm.dtype"] > 0) == (dtype in HALF)     # half GEMMs, fp32 results
+        # half GEMMs with fp32 results: per chunk X (and T), dq_c = G k, dk += G^T q_c
+        half = dtype in HALF
+        assert fc.ops["aten.mm.dtype"] == (len(starts) * (3 if teacher else 2) if half else 0)
+        assert fc.ops["aten.addmm.dtype"] == (len(starts) if half else 0)
         assert [r.site.split(" in ")[1] for r in fc.syncs()] == ["check_tensor_scalars_finite"]
 
 

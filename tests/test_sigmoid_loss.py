@@ -114,13 +114,16 @@ def test_panels_that_do_not_divide_the_batch(backend, chunk_rows):
     assert_matches(got, reference64(inputs, kwargs), rtol=1e-11, atol=1e-13)
 
 
-def test_large_batch_against_a_row_chunked_float64_reference():
-    """B = 20000, d = 8 (4e8 pairs) in float32 through the C++ kernel against float64 computed
-    in row chunks of the same reference terms (never the whole B x B)."""
+@pytest.mark.parametrize("backend,chunk_rows", [("cpu", None), ("chunked", 2500)])
+def test_large_batch_against_a_row_chunked_float64_reference(backend, chunk_rows):
+    """B = 20000, d = 8 (4e8 pairs) in float32 through the C++ kernel and the chunked kernel
+    (chunks of 2500 rows: its fp32 sums within a chunk, float64 across) against float64
+    computed in row chunks of the same reference terms (never the whole B x B)."""
     b, d = 20000, 8
     inputs, kwargs = make_inputs(b, d, dtype=torch.float32, bias=True, labels=True,
                                  distill=True, seed=3)
-    loss, grads = loss_and_grads(sigmoid_loss, inputs, kwargs, backend="cpu")
+    loss, grads = loss_and_grads(sigmoid_loss, inputs, kwargs, backend=backend,
+                                 chunk_rows=chunk_rows)
     x, y = (inputs[k].double() for k in ("image_features", "text_features"))
     tx, ty = (kwargs[k].double() for k in ("teacher_image_features", "teacher_text_features"))
     scale = inputs["logit_scale"].double().requires_grad_()

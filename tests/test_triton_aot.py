@@ -66,11 +66,34 @@ def _chunk_jobs():
     return jobs
 
 
-def compile_chunk(job):
+def _pointers_and_sizes(sig):
+    """The arguments a chunk pass's launch has 16-aligned: its pointers and C, N."""
+    return [a for a in sig if sig[a].startswith("*") or a in ("C", "N")]
+
+
+def _compile_sm90(fn, sig, constexprs, cfg, divisible):
+    """Compile one variant of `fn` for sm_90: (its PTX, the record fields every table shares).
+    sig: the non-constexpr argument types; divisible: the arguments specialised as multiples of
+    16 (pointers and sizes, as a launch with aligned tensors and sizes is)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = {**sig, **{c: "constexpr" for c in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
+                                                      compiled.metadata.name)
+    ptx = compiled.asm["ptx"]
+    return ptx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, ptx_bytes=len(ptx),
+                     cubin_bytes=len(compiled.asm["cubin"]), regs=regs,
+                     shared=compiled.metadata.shared + static_smem, spill_local=local,
+                     stack=stack)
+
+
+def compile_chunk(job):
     from calrft_kernels.triton import contrastive_chunked as mod
 
     kernel_name, ci, op, precision, teacher, with_cols = job
@@ -78,21 +101,12 @@ def compile_chunk(job):
     fn = mod.KERNELS[name]
     cfg = mod.CONFIGS[name]
     sig = _chunk_signature(name, op)
-    constexprs = {"HAS_TEACHER": teacher, "WITH_COLS": with_cols, **cfg.kwargs}
-    signature = {**sig, **{c: "constexpr" for c in constexprs}}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-             if sig[a].startswith("*") or a in ("C", "N")}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
-                                                      compiled.metadata.name)
-    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, BLOCK_D="-",
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=op,
-                precision=precision, teacher=teacher, with_cols=with_cols,
-                ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
-                regs=regs, shared=compiled.metadata.shared + static_smem, spill_local=local,
-                stack=stack, wgmma=False, mma=False)
+    _, fields = _compile_sm90(fn, sig, {"HAS_TEACHER": teacher, "WITH_COLS": with_cols,
+                                        **cfg.kwargs}, cfg,
+                              _pointers_and_sizes(sig))
+    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, BLOCK_D="-", dtype=op,
+                precision=precision, teacher=teacher, with_cols=with_cols, **fields,
+                wgmma=False, mma=False)
 
 
 # The sigmoid family's chunked pass (calrft_kernels/triton/sigmoid_chunked.py): one shipped
@@ -110,14 +124,9 @@ def _sigmoid_jobs():
 
 
 def compile_sigmoid(job):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from calrft_kernels.triton import sigmoid_chunked as mod
 
     kernel_name, g_dtype, teacher, labels, with_grads = job
-    fn = mod.KERNELS["pairs"]
     cfg = mod.CONFIG
     sig = {"x_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": "*" + g_dtype, "part_ptr": "*fp32",
            "scale_ptr": "*fp32", "bias_ptr": "*fp32", "tscale_ptr": "*fp32",
@@ -125,22 +134,11 @@ def compile_sigmoid(job):
            "C": "i32", "N": "i32", "weight": "fp32", "factor": "fp32"}
     constexprs = {"HAS_TEACHER": teacher, "HAS_LABELS": labels, "WITH_GRADS": with_grads,
                   **cfg.kwargs}
-    signature = {**sig, **{c: "constexpr" for c in constexprs}}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-             if sig[a].startswith("*") or a in ("C", "N")}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ptx = compiled.asm["ptx"]
-    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
-                                                      compiled.metadata.name)
-    return dict(kernel=kernel_name, config=0, **cfg.kwargs, BLOCK_D="-",
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=g_dtype,
+    _, fields = _compile_sm90(mod.KERNELS["pairs"], sig, constexprs, cfg,
+                              _pointers_and_sizes(sig))
+    return dict(kernel=kernel_name, config=0, **cfg.kwargs, BLOCK_D="-", dtype=g_dtype,
                 precision="-", teacher=teacher, with_cols="-", labels=labels,
-                with_grads=with_grads, ptx_bytes=len(ptx),
-                cubin_bytes=len(compiled.asm["cubin"]), regs=regs,
-                shared=compiled.metadata.shared + static_smem, spill_local=local, stack=stack,
-                wgmma=False, mma=False)
+                with_grads=with_grads, **fields, wgmma=False, mma=False)
 
 
 def _resource_usage(cubin: bytes, name: str):
@@ -183,10 +181,6 @@ def compile_one(job):
         return compile_chunk(job)
     if job[0].startswith("sigmoid:"):
         return compile_sigmoid(job)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from calrft_kernels.triton import contrastive as mod
 
     kernel_name, ci, op, precision, teacher, with_cols = job
@@ -195,19 +189,10 @@ def compile_one(job):
     sig = _signature(kernel_name, "*" + op)
     constexprs = {"HAS_TEACHER": teacher, "WITH_COLS": with_cols, "INPUT_PRECISION": precision,
                   **cfg.kwargs}
-    signature = {**sig, **{c: "constexpr" for c in constexprs}}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ptx = compiled.asm["ptx"]
-    regs, static_smem, local, stack = _resource_usage(compiled.asm["cubin"],
-                                                      compiled.metadata.name)
-    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, dtype=op, precision=precision, teacher=teacher,
-                with_cols=with_cols, ptx_bytes=len(ptx), cubin_bytes=len(compiled.asm["cubin"]),
-                regs=regs, shared=compiled.metadata.shared + static_smem, spill_local=local,
-                stack=stack, wgmma="wgmma.mma_async" in ptx,
+    ptx, fields = _compile_sm90(fn, sig, constexprs, cfg, list(sig))
+    return dict(kernel=kernel_name, config=ci, **cfg.kwargs, dtype=op, precision=precision,
+                teacher=teacher, with_cols=with_cols, **fields,
+                wgmma="wgmma.mma_async" in ptx,
                 mma="mma.sync" in ptx or "wgmma.mma_async" in ptx)
 
 

@@ -45,6 +45,18 @@ def wall_median_ms(fn, device, reps: int = 10, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def section_device(device):
+    """The device a GPU-suite section runs on: `device` when given (tests pass "cpu"), else
+    "cuda" when there is one, else None (the section then reports a single UNRUN row)."""
+    if device is not None:
+        return device
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else None
+    except Exception:  # pragma: no cover
+        return None
+
+
 def median_ms(fn, device, reps: int = 20, warmup: int = 1) -> float:
     """Median ms of fn(): CUDA events on a GPU (kernel time), the wall clock elsewhere."""
     import torch

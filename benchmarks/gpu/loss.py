@@ -35,7 +35,7 @@ import os
 import time
 
 from .._common import torch_dtype
-from ._timing import median_ms
+from ._timing import median_ms, section_device
 
 TIMED_B = (4096, 16384, 32768, 65536)
 TIMED_D = (512, 768)
@@ -510,15 +510,9 @@ def check_configs(device="cuda"):
 def run(device=None, quick=False) -> list[dict]:
     """Every part above. device=None: the GPU if there is one, else a single UNRUN row.
     quick=True (with device="cpu"): every code path at tiny sizes (a smoke test)."""
-    try:
-        import torch
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        has_cuda = False
+    device = section_device(device)
     if device is None:
-        if not has_cuda:
-            return [_row("contrastive (chunked / triton)", "-", "UNRUN: no CUDA device")]
-        device = "cuda"
+        return [_row("contrastive (chunked / triton)", "-", "UNRUN: no CUDA device")]
     start = time.time()
     if quick:
         correctness = ((97, 65, "fp32", False), (130, 3, "fp32", True))

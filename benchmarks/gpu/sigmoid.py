@@ -31,6 +31,7 @@ import os
 import time
 
 from .._common import torch_dtype
+from ._timing import section_device
 from .loss import Budget, Device, _max_rel, _mem_note, _row, matmul_peak, tflops, units_flops
 
 SCALE, BIAS = 10.0, -10.0          # SigLIP's initial logit scale and bias
@@ -258,15 +259,9 @@ def measure_memory(device="cuda", case=MEMORY, budget=None):
 def run(device=None, quick=False) -> list[dict]:
     """Every part above. device=None: the GPU if there is one, else a single UNRUN row.
     quick=True (with device="cpu"): every code path at tiny sizes (a smoke test)."""
-    try:
-        import torch
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        has_cuda = False
+    device = section_device(device)
     if device is None:
-        if not has_cuda:
-            return [_row("sigmoid_loss (chunked)", "-", "UNRUN: no CUDA device")]
-        device = "cuda"
+        return [_row("sigmoid_loss (chunked)", "-", "UNRUN: no CUDA device")]
     start = time.time()
     cuda = Device(device).cuda
     if quick:
