@@ -586,20 +586,24 @@ def test_siglip_loss_and_carot_sigmoid_family_on_cuda():
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # deepcopy
 @pytest.mark.parametrize("precision", ["auto", "fp16"])
-def test_trainer_steps_on_fake_cuda(tmp_path, monkeypatch, precision):
-    """A Trainer on "cuda" with the tiny model: the model moved to the device, autocast (auto:
+@pytest.mark.parametrize("family", ["softmax", "sigmoid"])
+def test_trainer_steps_on_fake_cuda(tmp_path, monkeypatch, family, precision):
+    """A Trainer on "cuda" with the tiny model (calrft-tiny, or calrft-tiny-sigmoid: its logit
+    bias picks the sigmoid family): the model moved to the device, autocast (auto:
     bf16 on CUDA; fp16 with its GradScaler), the feature-cached step (two micro-batches, the CUDA
     RNG state captured and replayed), CaRot with the EMA teacher and the sigma_min term, clipping,
     AdamW, the EMA update: two steps (the second distils). Everything of a step runs; what
     cannot run on fake tensors is what needs values: a checkpoint (torch.save), evaluation's
     accuracies. DDP needs NCCL (tests/test_trainer_distributed.py runs it on gloo)."""
     import _trainer_util as tu
-    from calrft import config, train
+    from calrft import config, models, train
     monkeypatch.setattr(config, "check_device", lambda device: device)   # a (fake) GPU is here
-    model, tok = tu.tiny_model()
+    name = models.TINY if family == "softmax" else models.TINY_SIGMOID
+    model, tok = tu.tiny_model(name=name)
     train_set, eval_sets = tu.tiny_data(160)
-    cfg = tu.tiny_config(tmp_path, device="cuda", precision=precision, batch_size=80,
-                         micro_batch_size=40, sigma_min_weight=0.1, grad_clip=1.0, steps=4)
+    cfg = tu.tiny_config(tmp_path, model=name, device="cuda", precision=precision,
+                         batch_size=80, micro_batch_size=40, sigma_min_weight=0.1, grad_clip=1.0,
+                         steps=4)
     # the scaler's "found inf" (a CUDA value) is read on the host: answer "none found"
     answer = (lambda t: True if t.dtype == torch.bool else 0.0 if t.is_cuda else 1.0) \
         if precision == "fp16" else None
@@ -623,8 +627,15 @@ def test_trainer_steps_on_fake_cuda(tmp_path, monkeypatch, precision):
         # the towers run under autocast, but open_clip's F.normalize (a norm: autocast runs it
         # in fp32) hands the loss fp32 features, so the fused op takes its fp32 path
         stats, ds = fc.launched("_chunk_stats_kernel"), fc.launched("_chunk_ds_kernel")
-        assert len(stats) == len(ds) == 2 and all(r.args.ds_ptr.dtype == torch.float32 for r in ds)
-        assert [r.args.HAS_TEACHER for r in stats] == [False, True]   # distils from step 1
+        pairs = fc.launched("_sigmoid_chunk_kernel")
+        if family == "softmax":
+            assert len(stats) == len(ds) == 2 and not pairs
+            assert all(r.args.ds_ptr.dtype == torch.float32 for r in ds)
+        else:   # one pass per step forms G; nothing launched by the backward
+            assert len(pairs) == 2 and not stats and not ds
+            assert all(r.args.WITH_GRADS and r.args.g_ptr.dtype == torch.float32 for r in pairs)
+        passes = stats if family == "softmax" else pairs
+        assert [r.args.HAS_TEACHER for r in passes] == [False, True]   # distils from step 1
         assert fc.native_calls["smallest_eig_cuda"]                     # sigma_min on the GPU
         # GPU synchronisations inside the steps: the sigma_min term's two (its CUDA solver needs
         # the matrix finite, and its value is checked) and, with fp16, the GradScaler's read of
