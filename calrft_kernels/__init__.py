@@ -1,8 +1,7 @@
 """calrft-kernels: fused kernels for calibrated robust fine-tuning (CaRot) of CLIP models.
 
 The public API of docs/api.md; every op takes CPU or CUDA tensors and picks its backend by
-dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU; the
-sigmoid loss has no CUDA kernel yet and says so).
+dispatch (backend="auto": the chunked / cuBLAS paths on CUDA, the C++ kernels on CPU).
 `device_checks(False)` scopes off the argument checks that would synchronise with a GPU."""
 from ._backend import device_checks  # first: it loads torch, then the native extension
 from .contrastive import contrastive_loss

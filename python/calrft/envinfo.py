@@ -55,13 +55,13 @@ def self_checks() -> list[Check]:
             lambda: ck.contrastive_loss(a, b, 20.0, backend=backend).cpu(),
             lambda: ck.contrastive_loss(img, txt, 20.0, backend="reference")))
         checks.append(_compare(
+            f"sigmoid_loss(backend={backend!r}) on {dev}",
+            lambda: ck.sigmoid_loss(a, b, 10.0, -10.0, backend=backend).cpu(),
+            lambda: ck.sigmoid_loss(img, txt, 10.0, -10.0, backend="reference")))
+        checks.append(_compare(
             f"batch_covariance(backend={backend!r}) on {dev}",
             lambda: ck.batch_covariance(y, backend=backend).cpu(),
             lambda: ck.batch_covariance(z, backend="reference")))
-    checks.append(_compare(  # no CUDA kernel yet: the C++ one only
-        "sigmoid_loss(backend='cpu') on cpu",
-        lambda: ck.sigmoid_loss(img, txt, 10.0, -10.0, backend="cpu"),
-        lambda: ck.sigmoid_loss(img, txt, 10.0, -10.0, backend="reference")))
     cov = ck.batch_covariance(z, backend="reference")
     checks.append(_compare(
         "smallest_eigenvalue(method='davidson') on cpu",
