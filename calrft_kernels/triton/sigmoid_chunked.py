@@ -54,10 +54,10 @@ def _log1p_unit(e):
 
 @triton.jit
 def _sigmoid_parts(a):
-    """(e, log(1 + e), sigmoid(|a|), sigmoid(-|a|)) with e = exp(-|a|)."""
+    """(log(1 + e), sigmoid(|a|), sigmoid(-|a|)) with e = exp(-|a|)."""
     e = tl.exp(-tl.abs(a))
     inv = 1.0 / (1.0 + e)
-    return e, _log1p_unit(e), inv, e * inv
+    return _log1p_unit(e), inv, e * inv
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _sigmoid_chunk_kernel(x_ptr, t_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr, ts
         positive = ql[:, None] == kl[None, :]
     else:
         positive = (rows.to(tl.int64)[:, None] + row0) == cols.to(tl.int64)[None, :]
-    _, l1p, sig_abs, sig_neg_abs = _sigmoid_parts(s)
+    l1p, sig_abs, sig_neg_abs = _sigmoid_parts(s)
     nonneg = s >= 0.0
     sig_s = tl.where(nonneg, sig_abs, sig_neg_abs)        # sigmoid(S)
     # l = softplus(-z S) = max(-z S, 0) + log(1 + e); G = -z sigmoid(-z S), each sigmoid
@@ -88,7 +88,7 @@ def _sigmoid_chunk_kernel(x_ptr, t_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr, ts
         tscale = tl.load(tscale_ptr)
         tbias = tl.load(tbias_ptr)
         t = tscale * tl.load(t_ptr + offs, mask=ok, other=0.0) + tbias
-        _, _, tsig_abs, tsig_neg_abs = _sigmoid_parts(t)
+        _, tsig_abs, tsig_neg_abs = _sigmoid_parts(t)
         target = tl.where(t >= 0.0, tsig_abs, tsig_neg_abs)   # sigmoid(T)
         # SD = log(1 + e) + sigmoid(T) max(-S, 0) + (1 - sigmoid(T)) max(S, 0)
         sd = l1p + target * tl.maximum(-s, 0.0) + (1.0 - target) * tl.maximum(s, 0.0)
