@@ -4,8 +4,9 @@ open_clip models.
 Every subcommand takes --config FILE (YAML, JSON or TOML with the same keys as its flags,
 underscores for dashes); flags given on the command line override the file, which overrides the
 defaults. Every argument is checked before any work starts. Exit status: 0 success, 1 a failure
-while writing outputs (e.g. a full disk), 2 a bad argument, 130 interrupted (Ctrl-C); failures
-print one `calrft COMMAND: error: ...` line."""
+while writing outputs (e.g. a full disk) or training data that cannot make progress, 2 a bad
+argument, 75 train stopped by SIGTERM / SIGUSR1 with a checkpoint to resume from, 130 interrupted
+(Ctrl-C); failures print one `calrft COMMAND: error: ...` line."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,8 @@ import re
 import sys
 
 from .config import TrainConfig, field_kind, merge, read_file
+from .data import DataStreamError
+from .preempt import EXIT_PREEMPTED, Preempted
 from .rundir import DEFAULT_OUT
 
 # One line per option; add_config_flags appends the default.
@@ -55,6 +58,14 @@ TRAIN_HELP = {
     "ood_eval": "OOD evaluation sets (NAME=PATH or PATH), ImageFolder trees or shards as --id-eval; "
                 "their classes map by name onto a subset of the ID classes",
     "workers": "data-loading worker processes",
+    "data_timeout": "seconds a data-loader worker may take to deliver a batch before the run stops with "
+                    "an error line, exit status 1 (with --workers >= 1; 0 = wait forever); a worker that "
+                    "dies stops the run the same way",
+    "max_unreadable": "stop the run (exit status 1, one line naming the files and counts) when more than "
+                      "this fraction of the last --unreadable-window training samples a rank read were "
+                      "unreadable (1 = never); a full pass over the shards without one readable sample "
+                      "always stops it",
+    "unreadable_window": "samples per rank over which --max-unreadable is taken",
     "batch_size": "global batch size, split over ranks",
     "micro_batch_size": "rows per rank per forward/backward chunk: feature caching below --batch-size (the loss "
                         "still sees the whole global batch; memory of one chunk; unset = off)",
@@ -72,7 +83,9 @@ TRAIN_HELP = {
     "eval_every": "steps between evaluations (0 = after each epoch)",
     "eval_batch_size": "evaluation batch size per process",
     "log_every": "steps between log.jsonl records (and progress lines when not on a terminal)",
-    "save_every": "steps between checkpoints (0 = after each epoch; always at the end)",
+    "save_every": "steps between checkpoints (0 = after each epoch; always at the end). SIGTERM or SIGUSR1 "
+                  "(cluster preemption) also saves one: the step in progress finishes, every rank stops "
+                  "at the same step, one line names the checkpoint, exit status 75",
     "resume": "continue the run of this checkpoint (same method, model and optimisation settings)",
     "overwrite": "replace the outputs of a previous run in --out (other files are kept)",
     "stop_after": "stop (saving a checkpoint) after this many steps; continue with --resume",
@@ -336,6 +349,14 @@ def main(argv=None) -> int:
     except FloatingPointError as exc:                    # a diverged run (steps.check_finite_loss)
         print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 1
+    except DataStreamError as exc:                       # training data that cannot make progress
+        notes = "; ".join(getattr(exc, "__notes__", []))
+        print(f"{prefix} {_one_line(str(exc) + ('; ' + notes if notes else ''))}", file=sys.stderr)
+        return 1
+    except Preempted as exc:                             # SIGTERM / SIGUSR1: checkpointed, resumable
+        if exc.path is not None:                         # the rank that wrote it says so, once
+            print(f"calrft {args.command}: {_one_line(exc)} (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except OSError as exc:
         notes = "; ".join(getattr(exc, "__notes__", []))
         if exc.errno == errno.ENOSPC:

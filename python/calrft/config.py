@@ -40,6 +40,9 @@ class TrainConfig:
     id_eval: str | None = None
     ood_eval: list = field(default_factory=list)   # folders, optionally "name=folder"
     workers: int = 4
+    data_timeout: float = 600.0            # s a loader worker may take for a batch; 0 = no limit
+    max_unreadable: float = 0.5            # stop when more of the last window is unreadable
+    unreadable_window: int = 1000          # samples (per rank) over which max_unreadable is taken
     # optimisation
     batch_size: int = 512                  # global batch (split over ranks)
     epochs: int = 10
@@ -85,14 +88,17 @@ class TrainConfig:
             raise ValueError("train_num_samples: a --train-data stream has no length; give "
                              "--train-num-samples (samples per epoch) or --steps")
         _at_least(self, 1, "batch_size", "epochs", "steps", "ema_every", "eval_batch_size", "log_every",
-                  "stop_after")
-        _at_least(self, 0, "workers", "warmup", "eval_every", "save_every", "seed", "weight_decay",
+                  "stop_after", "unreadable_window")
+        _at_least(self, 0, "workers", "data_timeout", "warmup", "eval_every", "save_every", "seed", "weight_decay",
                   "distill_weight", "orth_weight", "cross_weight", "sigma_min_weight")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: must be > 0 (or unset), got {self.grad_clip}")
-        for name in ("ema_start", "ema_end", "ema_warmup"):
+        if not math.isfinite(self.data_timeout):
+            raise ValueError(f"data_timeout: must be a finite number of seconds (0 = no limit), "
+                             f"got {self.data_timeout}")
+        for name in ("ema_start", "ema_end", "ema_warmup", "max_unreadable"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         from . import templates as templates_mod

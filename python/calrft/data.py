@@ -6,10 +6,13 @@ caption template, the training augmentation) is seeded by (seed, epoch, index), 
 the same batches whatever the worker count, the rank layout or a resume point."""
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import itertools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +63,79 @@ class Skipped:
     reason: str
 
 
+class DataStreamError(RuntimeError):
+    """Training data that cannot make progress: no readable sample in a full pass over a worker's
+    shards, too many unreadable samples (UnreadableMonitor), a data-loader worker that died or
+    stalled. The message is one line naming the files and counts (`calrft train` exits 1 with it).
+    A DataLoader re-raises a worker's exception as type(message + traceback): the constructor
+    keeps the original line only."""
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        if "Original Traceback" in text:
+            text = text.rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(" ".join(text.split()))
+
+
+def source_of(path: str) -> str:
+    """The file a Skipped item came from: a shard for "url#key", else the image path itself."""
+    return path.rsplit("#", 1)[0] if "#" in path else path
+
+
+def count_by_source(skipped, limit: int = 3) -> str:
+    """ "a.tar (40), b.tar (5), ... (7 files)": where unreadable samples came from, most first."""
+    counts = collections.Counter(source_of(s.path if isinstance(s, Skipped) else s) for s in skipped)
+    shown = ", ".join(f"{name} ({n})" for name, n in counts.most_common(limit))
+    return shown + (f", ... ({len(counts)} files)" if len(counts) > limit else "")
+
+
+class UnreadableMonitor:
+    """Stops a run whose training data is mostly unreadable. `observe(readable, skipped)` takes a
+    batch (its rows read, the Skipped items it passed over), logs each unreadable file once, and
+    raises DataStreamError when more than `max_fraction` x `window` of the last `window` samples
+    this rank read (readable or not) were unreadable; it names the files and counts.
+    max_fraction 1 never stops."""
+
+    def __init__(self, max_fraction: float = 0.5, window: int = 1000, what: str = "train data"):
+        self.max_fraction, self.window, self.what = max_fraction, window, what
+        self.recent = collections.deque(maxlen=window)   # None (read) or Skipped
+        self.seen: set = set()
+        self.total_read = self.total_unreadable = 0
+
+    def observe(self, readable: int, skipped) -> None:
+        report_skipped(skipped, self.seen)
+        self.recent.extend(skipped)
+        self.recent.extend(itertools.repeat(None, min(readable, self.window)))
+        self.total_read += readable + len(skipped)
+        self.total_unreadable += len(skipped)
+        bad = [s for s in self.recent if s is not None]
+        if len(bad) > self.max_fraction * self.window:
+            raise DataStreamError(
+                f"{self.what}: {len(bad)} of the last {len(self.recent)} samples read were unreadable, "
+                f"more than --max-unreadable {self.max_fraction:g} of --unreadable-window "
+                f"{self.window} ({self.total_unreadable} of {self.total_read} in all); from "
+                f"{count_by_source(bad)}; first: {bad[0].path}: {bad[0].reason}")
+
+
+_LOADER_FAILURE = re.compile(r"DataLoader (timed out after|worker \(pids?(\(s\))? [^)]*\) "
+                             r"(exited unexpectedly|is killed by signal))")
+
+
+def loader_failure(exc: BaseException, timeout: float, what: str = "train data") -> DataStreamError | None:
+    """A DataLoader's own error for a worker that died or stalled past `timeout` seconds, as a
+    one-line DataStreamError naming the setting; None for any other exception."""
+    if not isinstance(exc, RuntimeError) or isinstance(exc, DataStreamError):
+        return None
+    text = " ".join(str(exc).split())
+    if not _LOADER_FAILURE.search(text):
+        return None
+    if "timed out" in text:
+        return DataStreamError(f"{what}: no batch from the data-loader workers in {timeout:g} s "
+                               f"(--data-timeout): a worker stalled (a hung read?); {text}")
+    return DataStreamError(f"{what}: a data-loader worker died ({text}); the run cannot go on "
+                           f"without its share of the data")
+
+
 class _ReadableTrainSet(Dataset):
     """Shared logic: substitute the next readable item for an unreadable one, and remember it."""
     seed = 0
@@ -80,7 +156,8 @@ class _ReadableTrainSet(Dataset):
                 return image, caption, label, skipped
             except Exception as exc:  # PIL raises many types for corrupt files
                 skipped.append(Skipped(self.paths[j], f"{type(exc).__name__}: {exc}"))
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable images in a row from {self.paths[index]}")
+        raise DataStreamError(f"train data: {MAX_SUBSTITUTIONS} unreadable images in a row from "
+                              f"{self.paths[index]}; first: {skipped[0].reason}")
 
 
 class CsvCaptions(_ReadableTrainSet):
@@ -283,20 +360,23 @@ def eval_collate(items):
     return {"images": images, "labels": labels, "skipped": skipped}
 
 
-def train_loader(dataset, tokenizer, sampler, workers=2):
+def train_loader(dataset, tokenizer, sampler, workers=2, timeout=0.0):
+    """Batches of `sampler`'s index lists; `timeout` (seconds, 0 = none) bounds each wait for a
+    batch from the workers (a DataLoader enforces it only with workers)."""
     # a private generator: a DataLoader draws its workers' base seed from the global generator
     # otherwise, so a loader started at a resume point would shift the model's random stream
     # (dropout) against an uninterrupted run; the items' own randomness is seeded per sample
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       collate_fn=CaptionCollate(tokenizer), persistent_workers=False,
+                      timeout=timeout if workers else 0,
                       generator=torch.Generator().manual_seed(sampler.seed + sampler.epoch))
 
 
-def eval_loader(dataset, batch_size=256, workers=2, indices=None):
+def eval_loader(dataset, batch_size=256, workers=2, indices=None, timeout=0.0):
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=eval_collate)
+                      collate_fn=eval_collate, timeout=timeout if workers else 0)
 
 
 def report_skipped(skipped, seen: set | None = None, logger=log):
@@ -402,20 +482,31 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
             errors.append(Skipped("?", f"{type(exc).__name__}: {exc}"))
             return True
 
-        def samples():
-            while True:  # cycle: every rank yields as many batches as the others
-                count = 0
+        def passes():
+            """(item or Skipped, corrupt tar members met before it), one pass over this worker's
+            shards after another (a cycle: every rank yields as many batches as the others)."""
+            while True:
+                readable, bad = 0, []
                 for sample in wds.tarfile_samples([{"url": u} for u in mine], handler=handler):
-                    count += 1
-                    yield sample
-                if count == 0:
-                    raise ValueError(f"train_data: shards {mine[:3]} hold no samples")
+                    item = self._decode(sample)
+                    corrupt = list(errors)
+                    errors.clear()
+                    bad += corrupt + ([item] if isinstance(item, Skipped) else [])
+                    readable += not isinstance(item, Skipped)
+                    yield item, corrupt
+                bad += errors
+                if readable:
+                    continue
+                shards = f"{len(mine)} shards ({', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''})"
+                if not bad:
+                    raise DataStreamError(f"train data: {shards} hold no samples")
+                # a full pass without one readable sample: this stream can never yield a batch
+                raise DataStreamError(f"train data: no readable sample in a full pass over {shards}: "
+                                      f"{len(bad)} unreadable; first: {bad[0].path}: {bad[0].reason}")
 
         buffer, skipped = [], []
-        for sample in samples():
-            item = self._decode(sample)
-            skipped += errors
-            errors.clear()
+        for item, corrupt in passes():
+            skipped += corrupt
             if isinstance(item, Skipped):
                 skipped.append(item)
                 continue
@@ -428,15 +519,15 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
 
 
 def webdataset_loader(dataset: WebDatasetCaptions, tokenizer, *, global_batch, rank=0, world=1,
-                      epoch=0, start_step=0, steps_per_epoch=1, workers=2):
+                      epoch=0, start_step=0, steps_per_epoch=1, workers=2, timeout=0.0):
     """Batches of this rank's share (global_batch / world rows) of epoch `epoch`, from batch
     `start_step` to `steps_per_epoch` (earlier ones are read and dropped, so a resumed epoch
-    continues the same stream)."""
-    import itertools
+    continues the same stream); `timeout` as train_loader's."""
     if global_batch % world:
         raise ValueError(f"batch_size: {global_batch} is not divisible by the world size {world}")
     loader = DataLoader(dataset.for_rank(epoch, rank, world), batch_size=global_batch // world,
                         num_workers=workers, collate_fn=CaptionCollate(tokenizer),
+                        timeout=timeout if workers else 0,
                         generator=torch.Generator().manual_seed(dataset.seed + epoch))
     return itertools.islice(loader, start_step, steps_per_epoch)
 

@@ -45,6 +45,35 @@ def shutdown():
         tdist.destroy_process_group()
 
 
+_CPU_GROUPS: dict = {}
+
+
+def cpu_group():
+    """A process group for small CPU tensors over all ranks: the default group when its backend
+    is gloo, else a gloo group created once (every rank must call this at the same point, e.g.
+    at set-up). None without a process group."""
+    if not is_on():
+        return None
+    default = tdist.group.WORLD
+    if tdist.get_backend(default) == "gloo":
+        return default
+    if default not in _CPU_GROUPS:
+        _CPU_GROUPS[default] = tdist.new_group(backend="gloo")
+    return _CPU_GROUPS[default]
+
+
+def agree(values, group=None) -> list[int]:
+    """The maximum of each of `values` (small ints) over all ranks, on every rank: one all-reduce
+    of a few int64s on the CPU (through `group`, default cpu_group()), so it adds no GPU sync.
+    Without a process group, the values themselves."""
+    values = [int(v) for v in values]
+    if not is_on():
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group or cpu_group())
+    return t.tolist()
+
+
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (row counts may differ) on every rank."""
     if not is_on():

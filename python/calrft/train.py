@@ -6,12 +6,13 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, dist, ema, models, preflight, report, rundir
+from . import checkpoint, data, dist, ema, models, preempt, preflight, report, rundir
 from . import step as steps
 from . import evaluate as ev
 from . import templates as templates_mod
@@ -202,7 +203,9 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.out)
         self.saved = None                  # (step, path) of the last checkpoint written or resumed
-        self.seen_bad = set()
+        self.monitor = data.UnreadableMonitor(cfg.max_unreadable, cfg.unreadable_window)
+        self.signals = preempt.StopSignals()   # active while fit() runs
+        self.flag_group = dist.cpu_group()     # the step-boundary agreement (created by every rank)
         if cfg.resume:
             self.load(cfg.resume)
         self.log = JsonLog(self.out / "log.jsonl", resume_at=self.step if cfg.resume else None)
@@ -257,9 +260,54 @@ class Trainer:
         if self.streamed:
             return data.webdataset_loader(self.train_set, self.tokenizer, global_batch=self.cfg.batch_size,
                                           rank=self.rank, world=self.world, epoch=epoch, start_step=start,
-                                          steps_per_epoch=self.steps_per_epoch, workers=self.cfg.workers)
+                                          steps_per_epoch=self.steps_per_epoch, workers=self.cfg.workers,
+                                          timeout=self.cfg.data_timeout)
         sampler = data.GlobalBatchSampler(**self.sampler_args, epoch=epoch, start_step=start)
-        return data.train_loader(self.train_set, self.tokenizer, sampler, self.cfg.workers)
+        return data.train_loader(self.train_set, self.tokenizer, sampler, self.cfg.workers,
+                                 self.cfg.data_timeout)
+
+    def next_batch(self, batches):
+        """(this rank's next batch, None) or (None, the DataStreamError that stops the run), or
+        (None, None) at the end of the epoch. Every batch passes the unreadable-sample monitor."""
+        try:
+            with self.signals.fetch():
+                batch = next(batches)
+        except StopIteration:
+            return None, None
+        except RuntimeError as exc:
+            error = exc if isinstance(exc, data.DataStreamError) else data.loader_failure(exc, self.cfg.data_timeout)
+            if error is None:
+                raise
+            return None, error
+        try:
+            self.monitor.observe(len(batch["labels"]), batch["skipped"])
+        except data.DataStreamError as exc:
+            return None, exc
+        return batch, None
+
+    def boundary(self, error=None) -> tuple[int, bool]:
+        """The step boundary every rank passes together: (the stop signal's number or 0, whether
+        a rank's data failed), agreed by all ranks in one small CPU all-reduce (dist.agree); on
+        one process, this process's own."""
+        requested = signal.Signals[self.signals.requested].value if self.signals.requested else 0
+        signum, failed = dist.agree([requested, error is not None], self.flag_group)
+        return signum, bool(failed)
+
+    def stop(self, signum: int, failed: bool, error=None):
+        """End the run at this step boundary: save a checkpoint (unless this step's is written)
+        and raise Preempted (a signal; it wins, as a preemption signal also ends the loader
+        workers where a cluster signals every process) or the DataStreamError (a rank's data
+        failed)."""
+        if not (self.saved and self.saved[0] == self.step):
+            self.save()
+        path = self.saved[1] if self.saved and dist.is_main() else None
+        if signum:
+            name = signal.Signals(signum).name
+            self.log.write(step=self.step, event="preempted", signal=name)
+            raise preempt.Preempted(name, self.step, self.total_steps, path)
+        self.log.write(step=self.step, event="data_error", error=str(error) if error else "another rank")
+        raise error or data.DataStreamError(f"train data: another rank's data stream failed at step "
+                                            f"{self.step} (its error line names the files)")
 
     # ---- one step ----
     def train_step(self, batch) -> dict:
@@ -304,33 +352,56 @@ class Trainer:
 
     # ---- the loop ----
     def fit(self):
-        """Train to the end (or --stop-after); Ctrl-C and write errors (a full disk) propagate
-        with a note naming the last checkpoint, which is complete (writes are atomic)."""
+        """Train to the end (or --stop-after). SIGTERM / SIGUSR1 stop it at a step boundary with a
+        checkpoint (preempt.Preempted); training data that cannot make progress stops it the
+        same way with data.DataStreamError. Ctrl-C, write errors (a full disk) and data errors
+        propagate with a note naming the last checkpoint, which is complete (writes are atomic)."""
         try:
-            return self._fit()
-        except (KeyboardInterrupt, OSError) as exc:
-            where = (f"the last checkpoint is step {self.saved[0]}: {self.saved[1]} (continue with "
-                     f"--resume {self.saved[1]})" if self.saved else "no checkpoint was written")
-            if isinstance(exc, KeyboardInterrupt):
-                exc.add_note(f"interrupted at step {self.step} of {self.total_steps}; {where}")
-            else:
-                exc.add_note(where)
-            raise
+            with self.signals:
+                return self._fit()
+        except (KeyboardInterrupt, OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not isinstance(exc, data.DataStreamError):
+                error = data.loader_failure(exc, self.cfg.data_timeout)  # a worker died mid-step
+                if error is None:
+                    raise
+                raise self._noted(error) from exc
+            raise self._noted(exc)
+
+    def _noted(self, exc):
+        where = (f"the last checkpoint is step {self.saved[0]}: {self.saved[1]} (continue with "
+                 f"--resume {self.saved[1]})" if self.saved else "no checkpoint was written")
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(f"interrupted at step {self.step} of {self.total_steps}; {where}")
+        elif dist.is_main():
+            exc.add_note(where)
+        return exc
 
     def _fit(self):
         cfg = self.cfg
         from .progress import Progress
         bar = Progress(self.total_steps, cfg.method, initial=self.step, every=cfg.log_every,
                        enabled=cfg.progress and dist.is_main())
+        try:
+            return self._loop(bar)
+        finally:
+            bar.close()
+
+    def _loop(self, bar):
+        cfg = self.cfg
         result, stop = None, cfg.stop_after
         eval_every = cfg.eval_every or self.steps_per_epoch
         save_every = cfg.save_every or self.steps_per_epoch
         mark, shown = (time.perf_counter(), self.step), {}
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
-            loader = self.epoch_loader(epoch, start)
-            for batch in loader:
-                data.report_skipped(batch["skipped"], self.seen_bad)
+            batches = iter(self.epoch_loader(epoch, start))
+            while True:
+                batch, error = self.next_batch(batches)
+                if batch is None and error is None:
+                    break                                   # the end of the epoch, on every rank
+                signum, failed = self.boundary(error)
+                if signum or failed:
+                    self.stop(signum, failed, error)
                 terms = self.train_step(batch)
                 lr = self.scheduler.get_last_lr()[0]
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -343,22 +414,25 @@ class Trainer:
                     mark = (now, self.step)
                     shown = dict(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                     self.log.write(step=self.step, epoch=epoch, lr=lr, samples_per_s=rate,
-                                   train_unreadable=len(self.seen_bad), **terms)
+                                   train_unreadable=len(self.monitor.seen), **terms)
                 bar.update(**shown)
                 if self.step == self.total_steps or (stop is not None and self.step >= stop):
                     break
                 if self.step % save_every == 0:
                     self.save()
                 if self.step % eval_every == 0:
+                    signum, _ = self.boundary()   # a stop requested: evaluate after the resume
+                    if signum:
+                        self.stop(signum, False)
                     result = self.evaluate()
             if stop is not None and self.step >= stop and self.step < self.total_steps:
                 self.save()
-                bar.close()
                 return None
-        bar.close()
         self.save()
-        result = self.evaluate()
-        return result
+        signum, _ = self.boundary()
+        if signum:
+            self.stop(signum, False)
+        return self.evaluate()
 
 
 def run(cfg: TrainConfig, **inject) -> dict | None:

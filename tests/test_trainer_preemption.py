@@ -1,0 +1,216 @@
+"""Preemption (issue 28): a real `calrft train` child on the tiny model gets SIGTERM or SIGUSR1
+from the test, by the child's own pid (never a process group, never by name). It finishes the
+step in progress, writes one checkpoint, prints one line and exits 75; resuming from that
+checkpoint ends bit-identical to the straight run. On 2 gloo ranks, only rank 1 is signalled:
+both ranks stop at the same step and rank 0 writes the one checkpoint. A second signal during
+the save leaves a loadable checkpoint. Every child is waited for with a timeout and killed (by
+its pid) if it outlives it, so a regression fails instead of hanging the suite."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from calrft import checkpoint, models
+from calrft.preempt import EXIT_PREEMPTED
+
+from test_trainer_data import make_tree
+
+STEPS = 60          # long enough that a signal sent at step 2 lands well before the end
+WAIT_S = 180        # the longest a child may take for any one phase
+ARGS = ["--model", models.TINY, "--pretrained", "", "--templates", "short", "--workers", "0",
+        "--batch-size", "4", "--warmup", "2", "--ema-every", "3", "--log-every", "1", "--no-progress",
+        "--lr", "1e-4", "--steps", str(STEPS), "--save-every", "1000"]
+# the second-signal child: the real command, its checkpoint write paused half-way (after half
+# the bytes are written) until the test has sent a second signal
+PAUSED_SAVE = """
+import io, os, sys, time
+from calrft import checkpoint, cli
+marker = os.environ["PAUSE_MARKER"]
+def write(obj, f):
+    if os.path.exists(marker + ".go"):
+        return real(obj, f)
+    buf = io.BytesIO()
+    real(obj, buf)
+    raw = buf.getvalue()
+    f.write(raw[:len(raw) // 2]); f.flush()
+    open(marker, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(marker + ".go") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    f.write(raw[len(raw) // 2:])
+real, checkpoint._write = checkpoint._write, write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preempt") / "train"
+    make_tree(str(root), ["ant", "bee", "cat"], per_class=4)
+    return root
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start(tree, out, *extra, env=None, script=None, tag="run"):
+    """A `calrft train` child (stderr to a file beside `out`)."""
+    argv = ["train", *ARGS, "--train-folder", str(tree), "--out", str(out), *extra]
+    cmd = [sys.executable, "-c", script, *argv] if script else [sys.executable, "-m", "calrft.cli", *argv]
+    err = open(f"{out}.{tag}.stderr", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env or _env())
+    proc.stderr_path = err.name
+    err.close()
+    return proc
+
+
+def finish(procs, timeout=WAIT_S):
+    """Each child's exit status; a child still running after `timeout` is killed by its pid and
+    the test fails."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for p in procs:
+            codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a calrft train child did not exit within {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    return codes
+
+
+def stderr(proc):
+    with open(proc.stderr_path) as f:
+        return f.read()
+
+
+def wait_for(condition, procs, what, timeout=WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for p in procs:
+            if p.poll() is not None:
+                finish(procs)
+                pytest.fail(f"the child exited ({p.returncode}) before {what}:\n{stderr(p)[-2000:]}")
+        time.sleep(0.02)
+    finish(procs, timeout=1)
+    pytest.fail(f"no {what} within {timeout} s")
+
+
+def logged_step(out):
+    """The last step in rank 0's log.jsonl (0 if none yet)."""
+    path = os.path.join(out, "log.jsonl")
+    step = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    step = max(step, json.loads(line).get("step", 0))
+                except json.JSONDecodeError:   # a line being written
+                    pass
+    return step
+
+
+def ranks_env(world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                 RANK=str(r), LOCAL_RANK=str(r)) for r in range(world)]
+
+
+def run_ranks(tree, out, world, *extra, tag="run"):
+    if world == 1:
+        return [start(tree, out, *extra, tag=tag)]
+    return [start(tree, out, *extra, env=env, tag=f"{tag}{r}") for r, env in enumerate(ranks_env(world))]
+
+
+def assert_same_state(got_path, want_path):
+    """Everything a continued run depends on is bit-identical: weights, EMA teacher, optimiser
+    moments, schedule, step, RNG."""
+    got, want = (torch.load(p, weights_only=True) for p in (got_path, want_path))
+    assert got["step"] == want["step"] == STEPS
+    for key in ("state_dict", "teacher"):
+        assert got[key].keys() == want[key].keys()
+        for name in want[key]:
+            assert torch.equal(got[key][name], want[key][name]), (key, name)
+    for index, state in want["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(got["optimizer"]["state"][index][name], value), (index, name)
+    assert got["scheduler"] == want["scheduler"]
+    assert torch.equal(got["rng"]["torch"], want["rng"]["torch"])
+
+
+@pytest.fixture(scope="module")
+def straight(tree, tmp_path_factory):
+    """The uninterrupted runs to STEPS, on 1 process and on 2 gloo ranks (started together)."""
+    root = tmp_path_factory.mktemp("straight")
+    procs = {world: run_ranks(tree, root / f"w{world}", world) for world in (1, 2)}
+    for world, ps in procs.items():
+        assert finish(ps) == [0] * world, [stderr(p)[-2000:] for p in ps]
+    return {world: root / f"w{world}" / "checkpoint.pt" for world in (1, 2)}
+
+
+def _stopped_at(out, err, signame):
+    """The step the run stopped at: its one line says so and names the checkpoint, which holds
+    that step, and nothing half-written is left beside it."""
+    lines = [line for line in err.splitlines() if line.startswith("calrft train:")]
+    ckpt = os.path.join(out, "checkpoint.pt")
+    assert len(lines) == 1, err[-2000:]
+    assert f"stopped by {signame} after step " in lines[0], lines
+    assert f"rerun the same command with --resume {ckpt} to continue" in lines[0]
+    assert f"(exit status {EXIT_PREEMPTED})" in lines[0]
+    step = checkpoint.load(ckpt, what="resume")["step"]
+    assert f"after step {step} of {STEPS}, saved;" in lines[0]
+    assert 2 <= step < STEPS
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert records[-1] == {"step": step, "event": "preempted", "signal": signame}
+    return step
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_signal_stops_at_a_step_and_the_resume_equals_the_straight_run(tree, straight, tmp_path, world):
+    out = tmp_path / "run"
+    procs = run_ranks(tree, out, world, tag="first")
+    wait_for(lambda: logged_step(out) >= 2, procs, "step 2")
+    procs[-1].send_signal(signal.SIGTERM)        # rank 1 only, on 2 ranks: the ranks agree
+    assert finish(procs) == [EXIT_PREEMPTED] * world
+    step = _stopped_at(out, stderr(procs[0]), "SIGTERM")
+    for p in procs[1:]:  # only the writer reports
+        assert "calrft train:" not in stderr(p), stderr(p)[-2000:]
+    procs = run_ranks(tree, out, world, "--resume", str(out / "checkpoint.pt"), tag="resume")
+    assert finish(procs) == [0] * world, [stderr(p)[-2000:] for p in procs]
+    assert_same_state(out / "checkpoint.pt", straight[world])
+    steps = [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), step   # each step logged once across the stop
+
+
+def test_a_second_signal_during_the_save_leaves_a_loadable_checkpoint(tree, straight, tmp_path):
+    out = tmp_path / "run"
+    marker = str(tmp_path / "saving")
+    proc = start(tree, out, env=_env(PAUSE_MARKER=marker), script=PAUSED_SAVE, tag="first")
+    wait_for(lambda: logged_step(out) >= 2, [proc], "step 2")
+    proc.send_signal(signal.SIGUSR1)             # SLURM's early warning (--signal=USR1@...)
+    wait_for(lambda: os.path.exists(marker), [proc], "the checkpoint write")
+    assert [n for n in os.listdir(out) if n.endswith(".tmp")]   # half of it is on disk
+    proc.send_signal(signal.SIGTERM)             # the cluster's SIGTERM, mid-write
+    time.sleep(0.2)
+    open(marker + ".go", "w").close()
+    assert finish([proc]) == [EXIT_PREEMPTED]
+    _stopped_at(out, stderr(proc), "SIGUSR1")
+    proc = start(tree, out, "--resume", str(out / "checkpoint.pt"), tag="resume")
+    assert finish([proc]) == [0], stderr(proc)[-2000:]
+    assert_same_state(out / "checkpoint.pt", straight[1])
