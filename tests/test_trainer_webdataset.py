@@ -64,12 +64,13 @@ def test_stream_decodes_and_skips_the_corrupt_sample(tmp_path, tiny):
     ds = data.WebDatasetCaptions(urls, train_tf, shuffle_buffer=1)
     assert len(ds.urls) == 4
     items = take(iter(ds), 19)  # one pass over the 20 samples, less the corrupt one
-    image, caption, label, _ = items[0]
+    image, caption, label, _, _ = items[0]
     assert image.shape == (3, 32, 32) and caption.startswith("a photo of a") and label in (0, 1, 2)
     assert len(set(keys_of(items))) == 3  # captions: one per class
     skipped = [s for it in items for s in it[3]]
     assert [os.path.basename(s.path) for s in skipped] == ["shard-00001.tar#000007"]
     assert "UnidentifiedImageError" in skipped[0].reason or "cannot identify" in skipped[0].reason
+    assert [it[4] for it in items] == [1] * 19   # readable samples read per item (buffer of 1)
 
 
 def test_two_ranks_and_two_workers_read_disjoint_samples(tmp_path, tiny):

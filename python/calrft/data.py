@@ -90,29 +90,32 @@ def count_by_source(skipped, limit: int = 3) -> str:
 
 
 class UnreadableMonitor:
-    """Stops a run whose training data is mostly unreadable. `observe(readable, skipped)` takes a
-    batch (its rows read, the Skipped items it passed over), logs each unreadable file once, and
-    raises DataStreamError when more than `max_fraction` x `window` of the last `window` samples
-    this rank read (readable or not) were unreadable; it names the files and counts.
-    max_fraction 1 never stops."""
+    """Stops a run whose training data is mostly unreadable. `observe(read, skipped)` takes a
+    batch: the readable samples read for it (a stream counts those its shuffle buffer took in)
+    and the Skipped items passed over. It logs each unreadable file once, and raises
+    DataStreamError naming the files and counts when, once this rank has read `window` samples,
+    more than `max_fraction` of the samples of its last batches covering `window` samples (the
+    fewest that do) were unreadable. max_fraction 1 never stops."""
 
     def __init__(self, max_fraction: float = 0.5, window: int = 1000, what: str = "train data"):
         self.max_fraction, self.window, self.what = max_fraction, window, what
-        self.recent = collections.deque(maxlen=window)   # None (read) or Skipped
+        self.batches = collections.deque()     # (samples read, Skipped items) per batch
         self.seen: set = set()
         self.total_read = self.total_unreadable = 0
 
-    def observe(self, readable: int, skipped) -> None:
+    def observe(self, read: int, skipped) -> None:
         report_skipped(skipped, self.seen)
-        self.recent.extend(skipped)
-        self.recent.extend(itertools.repeat(None, min(readable, self.window)))
-        self.total_read += readable + len(skipped)
+        self.batches.append((read + len(skipped), list(skipped)))
+        self.total_read += read + len(skipped)
         self.total_unreadable += len(skipped)
-        bad = [s for s in self.recent if s is not None]
-        if len(bad) > self.max_fraction * self.window:
+        covered = sum(n for n, _ in self.batches)
+        while covered - self.batches[0][0] >= self.window:
+            covered -= self.batches.popleft()[0]
+        bad = [s for _, batch in self.batches for s in batch]
+        if covered >= self.window and len(bad) > self.max_fraction * covered:
             raise DataStreamError(
-                f"{self.what}: {len(bad)} of the last {len(self.recent)} samples read were unreadable, "
-                f"more than --max-unreadable {self.max_fraction:g} of --unreadable-window "
+                f"{self.what}: {len(bad)} of the last {covered} samples read were unreadable, more "
+                f"than --max-unreadable {self.max_fraction:g} over --unreadable-window "
                 f"{self.window} ({self.total_unreadable} of {self.total_read} in all); from "
                 f"{count_by_source(bad)}; first: {bad[0].path}: {bad[0].reason}")
 
@@ -349,7 +352,10 @@ class CaptionCollate:
         tokens = self.tokenizer([it[1] for it in items])
         labels = torch.tensor([it[2] for it in items])
         skipped = [s for it in items for s in it[3]]
-        return {"images": images, "texts": tokens, "labels": labels, "skipped": skipped}
+        # readable samples read for the batch: a stream's items say how many its shuffle buffer
+        # took in since the last one (UnreadableMonitor); an indexed set read each item once
+        read = sum(it[4] if len(it) > 4 else 1 for it in items)
+        return {"images": images, "texts": tokens, "labels": labels, "skipped": skipped, "read": read}
 
 
 def eval_collate(items):
@@ -415,7 +421,10 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
     are shuffled in a seeded buffer and augmented with seeds from (seed, epoch, key), so an epoch
     is the same stream for the same rank layout and worker count (resuming skips the epoch's first
     batches). A sample that cannot be decoded, or a corrupt tar member, is skipped and reported
-    (Skipped, "url#key") with the next batch; the batch is filled from the following samples."""
+    (Skipped, "url#key") with the next batch; the batch is filled from the following samples.
+    Items are (image, caption, label, skipped, readable samples read since the last item). A
+    full pass over a worker's shards without one readable sample raises DataStreamError (the
+    cycle would never yield)."""
 
     def __init__(self, urls, transform=None, seed=0, shuffle_buffer=256):
         wds = _wds()
@@ -504,18 +513,19 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
                 raise DataStreamError(f"train data: no readable sample in a full pass over {shards}: "
                                       f"{len(bad)} unreadable; first: {bad[0].path}: {bad[0].reason}")
 
-        buffer, skipped = [], []
+        buffer, skipped, read = [], [], 0
         for item, corrupt in passes():
             skipped += corrupt
             if isinstance(item, Skipped):
                 skipped.append(item)
                 continue
             buffer.append(item)
+            read += 1
             if len(buffer) < self.shuffle_buffer:
                 continue
             image, caption, label = buffer.pop(rng.randrange(len(buffer)))
-            yield image, caption, label, skipped
-            skipped = []
+            yield image, caption, label, skipped, read
+            skipped, read = [], 0
 
 
 def webdataset_loader(dataset: WebDatasetCaptions, tokenizer, *, global_batch, rank=0, world=1,

@@ -280,7 +280,7 @@ class Trainer:
                 raise
             return None, error
         try:
-            self.monitor.observe(len(batch["labels"]), batch["skipped"])
+            self.monitor.observe(batch["read"], batch["skipped"])
         except data.DataStreamError as exc:
             return None, exc
         return batch, None
