@@ -11,12 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
-from calrft import checkpoint, models
+from calrft import checkpoint, dist, models, preempt
 from calrft.preempt import EXIT_PREEMPTED
 
 from test_trainer_data import make_tree
@@ -214,3 +215,50 @@ def test_a_second_signal_during_the_save_leaves_a_loadable_checkpoint(tree, stra
     proc = start(tree, out, "--resume", str(out / "checkpoint.pt"), tag="resume")
     assert finish([proc]) == [0], stderr(proc)[-2000:]
     assert_same_state(out / "checkpoint.pt", straight[1])
+
+
+# ---- the pieces ----
+
+def test_stop_signals_record_and_restore():
+    before = signal.getsignal(signal.SIGUSR1)
+    with preempt.StopSignals() as stop:
+        assert stop.requested is None
+        signal.raise_signal(signal.SIGUSR1)      # this process: recorded, not acted on
+        signal.raise_signal(signal.SIGUSR1)
+        assert (stop.requested, stop.count) == ("SIGUSR1", 2)
+    assert signal.getsignal(signal.SIGUSR1) is before
+    box = {}
+
+    def in_a_thread():                           # no handlers outside the main thread
+        with preempt.StopSignals() as s:
+            box["active"] = s._active
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join(timeout=30)
+    assert box == {"active": False}
+
+
+def _agree_worker(rank, world):
+    import torch.distributed as tdist
+    from calrft import dist
+    out = {"gloo_is_world": dist.cpu_group() is tdist.group.WORLD,
+           "agreed": dist.agree([15 if rank == 1 else 0, rank == 0, 0])}
+    # a default group of another backend (NCCL on GPUs): one gloo group, made once, carries it
+    real = tdist.get_backend
+    tdist.get_backend = lambda group=None: "nccl"
+    try:
+        group = dist.cpu_group()
+        out["separate"] = group is not tdist.group.WORLD and dist.cpu_group() is group
+        out["agreed_separate"] = dist.agree([10 if rank == 0 else 0, 0, rank], group)
+    finally:
+        tdist.get_backend = real
+    return out
+
+
+def test_the_ranks_agree_in_one_cpu_all_reduce(tmp_path_factory):
+    from _dist_util import spawn_with_retry
+    got = spawn_with_retry(tmp_path_factory, _agree_worker, 2)
+    for rank in (0, 1):
+        assert got[rank] == {"gloo_is_world": True, "agreed": [15, 1, 0], "separate": True,
+                             "agreed_separate": [10, 0, 1]}
+    assert dist.agree([3, 0]) == [3, 0]           # one process: its own values, no collective

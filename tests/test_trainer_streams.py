@@ -36,6 +36,8 @@ def decode(self, sample):
         os._exit(3)
     return real(self, sample)
 data.WebDatasetCaptions._decode = decode
+if os.environ["DOUBLE"] == "eval_stall":     # the evaluation loader's worker stalls instead
+    data.eval_collate = lambda items: time.sleep(3600)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -98,6 +100,19 @@ def test_a_stalled_worker_stops_after_the_data_timeout(tmp_path):
     assert "train data: no batch from the data-loader workers in 3 s (--data-timeout): a worker " \
            "stalled" in lines[0], lines
     assert seconds < CHILD_TIMEOUT_S
+
+
+def test_a_stalled_evaluation_worker_stops_after_the_data_timeout(tmp_path):
+    from test_trainer_data import make_tree
+    shards = write_shards(str(tmp_path / "s"), n_shards=2, per_shard=5, corrupt=())
+    make_tree(str(tmp_path / "val"), ["ant", "bee", "cat"], per_class=2)
+    (tmp_path / "classes.txt").write_text("ant\nbee\ncat\n")
+    code, lines, _, err = run(shards, tmp_path / "out", "--workers", "1", "--data-timeout", "3",
+                              "--id-eval", str(tmp_path / "val"), "--classnames", str(tmp_path / "classes.txt"),
+                              script=DOUBLE, env={"DOUBLE": "eval_stall", "DOUBLE_KEY": "none"})
+    assert code == 1 and len(lines) == 1, err[-3000:]
+    assert "evaluation data: no batch from the data-loader workers in 3 s (--data-timeout)" in lines[0]
+    assert "the last checkpoint is step 3" in lines[0]   # written before the final evaluation
 
 
 def test_a_dead_worker_stops_with_one_line(tmp_path):

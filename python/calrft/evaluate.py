@@ -95,7 +95,7 @@ def restrict(logits, labels, class_indices):
 
 
 def evaluate(model, classifier, eval_sets, device="cpu", batch_size=256, workers=2, n_bins=15,
-             feature_dim=None, id_first=True, precision="auto"):
+             feature_dim=None, id_first=True, precision="auto", timeout=0.0):
     """{"id": {...}, "ood": {name: {...}, "avg": {...}}, "sigma_min": float, "unreadable":
     {name: count}, "sigma_min_rank_deficient": bool} plus raw predictions under "_predictions"
     (for plots). With id_first the first set is ID and the rest are OOD; without it every set is
@@ -104,14 +104,14 @@ def evaluate(model, classifier, eval_sets, device="cpu", batch_size=256, workers
     dimensions is exactly 0 (the covariance has rank < dim): it is reported as 0.0 and flagged
     rank-deficient, with a warning, instead of the eigensolver's rounding noise (~1e-15). Each
     rank evaluates a shard; predictions and covariance states are gathered so every rank returns
-    the same numbers."""
+    the same numbers. `timeout`: seconds a loader worker may take for a batch (0 = no limit)."""
     rank, world = dist.rank(), dist.world_size()
     out = {"id": None, "ood": {}, "_predictions": {}, "skipped": [], "unreadable": {},
            "sigma_min": None, "sigma_min_rank_deficient": False}
     first_ood = 1 if id_first else 0
     for k, es in enumerate(eval_sets):
         shard = list(range(rank, len(es.dataset), world))
-        loader = data_mod.eval_loader(es.dataset, batch_size, workers, indices=shard)
+        loader = data_mod.eval_loader(es.dataset, batch_size, workers, indices=shard, timeout=timeout)
         acc = None
         if k == 0 and id_first:
             dim = feature_dim or unwrap(model).visual.output_dim

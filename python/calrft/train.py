@@ -344,9 +344,15 @@ class Trainer:
     def evaluate(self):
         if not self.eval_sets:
             return None
-        result = ev.evaluate(self.clip, self.classifier(), self.eval_sets, self.device,
-                             self.cfg.eval_batch_size, self.cfg.workers, id_first=self.id_first,
-                             precision=self.cfg.precision)
+        try:
+            result = ev.evaluate(self.clip, self.classifier(), self.eval_sets, self.device,
+                                 self.cfg.eval_batch_size, self.cfg.workers, id_first=self.id_first,
+                                 precision=self.cfg.precision, timeout=self.cfg.data_timeout)
+        except RuntimeError as exc:
+            error = data.loader_failure(exc, self.cfg.data_timeout, "evaluation data")
+            if error is None:
+                raise
+            raise error from exc
         self.log.write(step=self.step, eval=ev.public(result))
         return result
 
