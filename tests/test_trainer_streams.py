@@ -145,6 +145,16 @@ def test_the_monitor_counts_over_its_window():
     assert never.total_unreadable == 50 and len(never.seen) == 50
 
 
+def test_an_indexed_set_stops_on_a_run_of_unreadable_images(tmp_path):
+    from test_trainer_data import _corrupt
+    for name in ("a", "b"):
+        _corrupt(str(tmp_path / "ant" / f"{name}.png"))
+    ds = data.ImageFolderCaptions(str(tmp_path), None, "short")
+    with pytest.raises(data.DataStreamError, match=rf"train data: {data.MAX_SUBSTITUTIONS} unreadable "
+                       r"images in a row from .*a.png; first: UnidentifiedImageError"):
+        ds[0]
+
+
 def test_the_error_stays_one_line_through_a_worker():
     wrapped = ("Caught DataStreamError in DataLoader worker process 0.\nOriginal Traceback (most "
                "recent call last):\n  File \"x.py\", line 1, in f\ncalrft.data.DataStreamError: train "

@@ -138,13 +138,19 @@ def config_from(args, command="train", cls=TrainConfig):
 
 
 def cmd_train(args):
-    from . import train
+    from . import dist, report, train
     cfg = config_from(args, "train")
-    result = train.run(cfg)
-    if result is not None:
-        from . import report, dist
-        if dist.is_main():
-            print(report.table({cfg.method: result}))
+    try:
+        result = train.run(cfg)
+    except Preempted:
+        dist.shutdown()                  # every rank stopped at the same step
+        raise
+    except BaseException:
+        dist.shutdown(barrier=False)     # another rank may be gone
+        raise
+    if result is not None and dist.is_main():
+        print(report.table({cfg.method: result}))
+    dist.shutdown()
     return 0
 
 

@@ -84,7 +84,7 @@ def source_of(path: str) -> str:
 
 def count_by_source(skipped, limit: int = 3) -> str:
     """ "a.tar (40), b.tar (5), ... (7 files)": where unreadable samples came from, most first."""
-    counts = collections.Counter(source_of(s.path if isinstance(s, Skipped) else s) for s in skipped)
+    counts = collections.Counter(source_of(s.path) for s in skipped)
     shown = ", ".join(f"{name} ({n})" for name, n in counts.most_common(limit))
     return shown + (f", ... ({len(counts)} files)" if len(counts) > limit else "")
 

@@ -97,7 +97,7 @@ def run_seed(out: Path, seed: int, quick: bool, cache=None, wise=True, progress=
         cfg = finetune_config(profile, method, seed, out, loss, progress=progress, **overrides)
         trainer = Trainer(cfg, model=model, tokenizer=tokenizer, train_set=train_set,
                           eval_sets=eval_sets, classnames=classnames)
-        results[method] = trainer.fit()
+        results[method] = trainer.fit(stop_on_signals=False)   # the demo has no --resume
         finetuned[method] = wiseft.state_of(model)
         times[method] = time.time() - t
     extra = ""

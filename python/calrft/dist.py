@@ -39,9 +39,14 @@ def init_from_env(device: str | None = None):
     return device
 
 
-def shutdown():
+def shutdown(barrier: bool = True):
+    """Destroy the process group (the ranks meet first with `barrier`; skip it when a rank may be
+    gone, e.g. after an error). Ending a process with a live gloo group can abort it at exit
+    ("terminate called without an active exception")."""
     if is_on():
-        tdist.barrier()
+        if barrier:
+            tdist.barrier(group=cpu_group())
+        _CPU_GROUPS.clear()
         tdist.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 many (torchrun + DDP)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -357,13 +358,14 @@ class Trainer:
         return result
 
     # ---- the loop ----
-    def fit(self):
+    def fit(self, *, stop_on_signals: bool = True):
         """Train to the end (or --stop-after). SIGTERM / SIGUSR1 stop it at a step boundary with a
-        checkpoint (preempt.Preempted); training data that cannot make progress stops it the
-        same way with data.DataStreamError. Ctrl-C, write errors (a full disk) and data errors
-        propagate with a note naming the last checkpoint, which is complete (writes are atomic)."""
+        checkpoint (preempt.Preempted; with stop_on_signals, the default; otherwise they keep
+        their previous effect); training data that cannot make progress stops it the same way
+        with data.DataStreamError. Ctrl-C, write errors (a full disk) and data errors propagate
+        with a note naming the last checkpoint, which is complete (writes are atomic)."""
         try:
-            with self.signals:
+            with self.signals if stop_on_signals else contextlib.nullcontext():
                 return self._fit()
         except (KeyboardInterrupt, OSError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not isinstance(exc, data.DataStreamError):
