@@ -99,7 +99,7 @@ def test_a_stalled_worker_stops_after_the_data_timeout(tmp_path):
     assert code == 1 and len(lines) == 1, err[-3000:]
     assert "train data: no batch from the data-loader workers in 3 s (--data-timeout): a worker " \
            "stalled" in lines[0], lines
-    assert seconds < CHILD_TIMEOUT_S
+    assert seconds < 60    # start-up (~5-15 s here) + 3 s, where the stall itself lasts an hour
 
 
 def test_a_stalled_evaluation_worker_stops_after_the_data_timeout(tmp_path):
