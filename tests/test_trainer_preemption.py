@@ -262,3 +262,75 @@ def test_the_ranks_agree_in_one_cpu_all_reduce(tmp_path_factory):
         assert got[rank] == {"gloo_is_world": True, "agreed": [15, 1, 0], "separate": True,
                              "agreed_separate": [10, 0, 1]}
     assert dist.agree([3, 0]) == [3, 0]           # one process: its own values, no collective
+
+
+def _signalled_at(trainer, at_step):
+    """The trainer's handler records SIGTERM as step `at_step` finishes (as a real signal would,
+    without sending one to the test process)."""
+    real = trainer.train_step
+
+    def train_step(batch):
+        terms = real(batch)
+        if trainer.step == at_step:
+            trainer.signals._handle(signal.SIGTERM, None)
+        return terms
+    trainer.train_step = train_step
+    return trainer
+
+
+@pytest.mark.parametrize("at_step", [2, 4])
+def test_a_pending_signal_skips_the_evaluation_and_the_resume_does_the_final_one(tmp_path, at_step):
+    """eval_every 2 of 4 steps: a signal during step 2 stops before step 2's evaluation; one
+    during the last step stops before the final evaluation, which the resumed run does."""
+    from calrft.train import Trainer
+    from _trainer_util import CLASSES, tiny_config, tiny_data, tiny_model
+
+    def trainer(**kw):
+        model, tok = tiny_model()
+        train, eval_sets = tiny_data()
+        return Trainer(tiny_config(tmp_path, steps=4, eval_every=2, **kw), model=model, tokenizer=tok,
+                       train_set=train, eval_sets=eval_sets, classnames=CLASSES)
+    t = _signalled_at(trainer(), at_step)
+    with pytest.raises(preempt.Preempted) as info:
+        t.fit()
+    assert (info.value.step, info.value.signame) == (at_step, "SIGTERM")
+    assert info.value.path == str(tmp_path / "checkpoint.pt")
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records if "eval" in r] == [2] * (at_step > 2)   # none at the stop
+    assert records[-1] == {"step": at_step, "event": "preempted", "signal": "SIGTERM"}
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == at_step
+    result = trainer(resume=str(tmp_path / "checkpoint.pt")).fit()
+    assert result is not None and result["id"]["acc"] is not None   # the final evaluation
+
+
+def _data_error_worker(rank, world, out):
+    from calrft import data
+    from calrft.train import Trainer
+    from _trainer_util import CLASSES, tiny_config, tiny_data, tiny_model
+    torch.set_num_threads(1)
+    model, tok = tiny_model()
+    train, _ = tiny_data()
+    t = Trainer(tiny_config(out, steps=6), model=model, tokenizer=tok, train_set=train, classnames=CLASSES)
+    real = t.next_batch
+
+    def next_batch(batches):   # rank 1's stream fails before step 3
+        batch, error = real(batches)
+        if rank == 1 and t.step == 2:
+            return None, data.DataStreamError("train data: rank 1's shards are gone")
+        return batch, error
+    t.next_batch = next_batch
+    try:
+        t.fit()
+    except data.DataStreamError as exc:
+        return str(exc), t.step
+    return None, t.step
+
+
+def test_a_rank_whose_data_fails_stops_every_rank_at_the_same_step(tmp_path, tmp_path_factory):
+    from _dist_util import spawn_with_retry
+    got = spawn_with_retry(tmp_path_factory, _data_error_worker, 2, str(tmp_path))
+    assert got[1] == ("train data: rank 1's shards are gone", 2)
+    assert got[0][1] == 2 and got[0][0].startswith("train data: another rank's data stream failed at step 2")
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 2          # rank 0 saved it
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert records[-1] == {"step": 2, "event": "data_error", "error": "another rank"}

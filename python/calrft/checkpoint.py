@@ -246,8 +246,8 @@ def load_weights(path, what: str = "path") -> dict:
 # trajectory (lr, schedule, batch, objective, seed, ...) and must match the checkpoint's.
 RESUMABLE_CHANGES = frozenset({
     "out", "resume", "overwrite", "stop_after", "progress", "log_every", "eval_every", "save_every",
-    "eval_batch_size", "workers", "data_timeout", "max_unreadable", "unreadable_window", "device", "cache_dir", "pretrained", "id_eval", "ood_eval",
-    "train_csv", "train_folder", "train_data", "classnames", "micro_batch_size", "grad_checkpointing",
+    "eval_batch_size", "workers", "data_timeout", "max_unreadable", "unreadable_window", "device",
+    "cache_dir", "pretrained", "id_eval", "ood_eval", "train_csv", "train_folder", "train_data", "classnames", "micro_batch_size", "grad_checkpointing",
 })
 TRAINING_KEYS = ("state_dict", "optimizer", "scheduler", "step", "rng", "config")
 

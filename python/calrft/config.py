@@ -89,8 +89,8 @@ class TrainConfig:
                              "--train-num-samples (samples per epoch) or --steps")
         _at_least(self, 1, "batch_size", "epochs", "steps", "ema_every", "eval_batch_size", "log_every",
                   "stop_after", "unreadable_window")
-        _at_least(self, 0, "workers", "data_timeout", "warmup", "eval_every", "save_every", "seed", "weight_decay",
-                  "distill_weight", "orth_weight", "cross_weight", "sigma_min_weight")
+        _at_least(self, 0, "workers", "data_timeout", "warmup", "eval_every", "save_every", "seed",
+                  "weight_decay", "distill_weight", "orth_weight", "cross_weight", "sigma_min_weight")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
