@@ -340,6 +340,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _notes(exc: BaseException) -> str:
+    """The notes added to an exception on its way up (e.g. the last checkpoint), joined."""
+    return "; ".join(getattr(exc, "__notes__", []))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # our loggers at INFO; other libraries' (open_clip logs model set-up at INFO) at WARNING
@@ -356,7 +361,7 @@ def main(argv=None) -> int:
         print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 1
     except DataStreamError as exc:                       # training data that cannot make progress
-        notes = "; ".join(getattr(exc, "__notes__", []))
+        notes = _notes(exc)
         print(f"{prefix} {_one_line(str(exc) + ('; ' + notes if notes else ''))}", file=sys.stderr)
         return 1
     except Preempted as exc:                             # SIGTERM / SIGUSR1: checkpointed, resumable
@@ -364,7 +369,7 @@ def main(argv=None) -> int:
             print(f"calrft {args.command}: {_one_line(exc)} (exit status {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
     except OSError as exc:
-        notes = "; ".join(getattr(exc, "__notes__", []))
+        notes = _notes(exc)
         if exc.errno == errno.ENOSPC:
             what = f"no space left on device writing {exc.filename} (ENOSPC)"
         else:
@@ -374,7 +379,7 @@ def main(argv=None) -> int:
         print(f"{prefix} {_one_line(what + ('; ' + notes if notes else ''))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        notes = "; ".join(getattr(exc, "__notes__", [])) or "interrupted"
+        notes = _notes(exc) or "interrupted"
         print(f"calrft {args.command}: {_one_line(notes)}", file=sys.stderr)
         return 130
 

@@ -294,6 +294,13 @@ class Trainer:
         signum, failed = dist.agree([requested, error is not None], self.flag_group)
         return signum, bool(failed)
 
+    def stop_if_signalled(self):
+        """Before an evaluation: stop here when any rank has a signal pending (the evaluation
+        waits for the resumed run), agreed as at a step boundary."""
+        signum, _ = self.boundary()
+        if signum:
+            self.stop(signum, False)
+
     def stop(self, signum: int, failed: bool, error=None):
         """End the run at this step boundary: save a checkpoint (unless this step's is written)
         and raise Preempted (a signal; it wins, as a preemption signal also ends the loader
@@ -367,13 +374,13 @@ class Trainer:
         try:
             with self.signals if stop_on_signals else contextlib.nullcontext():
                 return self._fit()
-        except (KeyboardInterrupt, OSError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and not isinstance(exc, data.DataStreamError):
-                error = data.loader_failure(exc, self.cfg.data_timeout)  # a worker died mid-step
-                if error is None:
-                    raise
-                raise self._noted(error) from exc
+        except (KeyboardInterrupt, OSError, data.DataStreamError) as exc:
             raise self._noted(exc)
+        except RuntimeError as exc:   # a worker died mid-step (without stop_on_signals)
+            error = data.loader_failure(exc, self.cfg.data_timeout)
+            if error is None:
+                raise
+            raise self._noted(error) from exc
 
     def _noted(self, exc):
         where = (f"the last checkpoint is step {self.saved[0]}: {self.saved[1]} (continue with "
@@ -429,17 +436,13 @@ class Trainer:
                 if self.step % save_every == 0:
                     self.save()
                 if self.step % eval_every == 0:
-                    signum, _ = self.boundary()   # a stop requested: evaluate after the resume
-                    if signum:
-                        self.stop(signum, False)
+                    self.stop_if_signalled()
                     result = self.evaluate()
             if stop is not None and self.step >= stop and self.step < self.total_steps:
                 self.save()
                 return None
         self.save()
-        signum, _ = self.boundary()
-        if signum:
-            self.stop(signum, False)
+        self.stop_if_signalled()
         return self.evaluate()
 
 
