@@ -303,11 +303,17 @@ def test_a_pending_signal_skips_the_evaluation_and_the_resume_does_the_final_one
     assert result is not None and result["id"]["acc"] is not None   # the final evaluation
 
 
-def _data_error_worker(rank, world, out):
+def _data_error_worker(rank, world, root):
+    import torch.distributed as tdist
     from calrft import data
     from calrft.train import Trainer
     from _trainer_util import CLASSES, tiny_config, tiny_data, tiny_model
     torch.set_num_threads(1)
+    # a folder of this attempt's own (spawn_with_retry may start the ranks twice; a second attempt
+    # in the first one's folder would be refused as a folder holding a run)
+    name = [f"run-{os.getpid()}" if rank == 0 else None]
+    tdist.broadcast_object_list(name, src=0)
+    out = os.path.join(root, name[0])
     model, tok = tiny_model()
     train, _ = tiny_data()
     t = Trainer(tiny_config(out, steps=6), model=model, tokenizer=tok, train_set=train, classnames=CLASSES)
@@ -322,15 +328,16 @@ def _data_error_worker(rank, world, out):
     try:
         t.fit()
     except data.DataStreamError as exc:
-        return str(exc), t.step
-    return None, t.step
+        return str(exc), t.step, out
+    return None, t.step, out
 
 
 def test_a_rank_whose_data_fails_stops_every_rank_at_the_same_step(tmp_path, tmp_path_factory):
     from _dist_util import spawn_with_retry
     got = spawn_with_retry(tmp_path_factory, _data_error_worker, 2, str(tmp_path))
-    assert got[1] == ("train data: rank 1's shards are gone", 2)
+    out = got[0][2]
+    assert got[1] == ("train data: rank 1's shards are gone", 2, out)
     assert got[0][1] == 2 and got[0][0].startswith("train data: another rank's data stream failed at step 2")
-    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 2          # rank 0 saved it
-    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 2   # rank 0 saved it
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert records[-1] == {"step": 2, "event": "data_error", "error": "another rank"}
