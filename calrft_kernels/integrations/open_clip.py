@@ -21,13 +21,11 @@ is never a run that claims to be patched while open_clip builds its own losses.
 from __future__ import annotations
 
 import inspect
-import threading
-import warnings
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Optional
 
 from .. import losses
+from . import _patching
 
 __all__ = ["patch", "unpatch", "active_patch", "OpenClipPatch", "REPLACEMENTS", "KEPT"]
 
@@ -41,29 +39,18 @@ OPTIONAL_MODULES = ("open_clip.loss", "open_clip")
 # What stays open_clip's own, and why.
 KEPT = {"CoCaLoss": "its caption loss has no fused op; its contrastive half is open_clip's "
                     "ClipLoss through inheritance"}
-
-_lock = threading.Lock()
-_active: Optional["OpenClipPatch"] = None
+LIBRARY = "open_clip"
 
 
-@dataclass
-class OpenClipPatch:
+class OpenClipPatch(_patching.Patch):
     """What `patch()` changed. replaced: {"module.Name": the original object} in patch order;
     kept: {open_clip name: why it stays open_clip's}. Use as a context manager or call
     `unpatch()`; either restores every replaced name to its original object."""
-    replaced: dict = field(default_factory=dict)
-    kept: dict = field(default_factory=lambda: dict(KEPT))
-    active: bool = True
+    library = LIBRARY
 
-    def unpatch(self) -> None:
-        global _active
-        with _lock:
-            if not self.active or _active is not self:
-                raise RuntimeError("this calrft_kernels open_clip patch is not active (already "
-                                   "unpatched)")
-            _restore(self.replaced)
-            self.active = False
-            _active = None
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = dict(KEPT)
 
     def summary(self) -> str:
         """One line naming what was replaced and what was kept."""
@@ -71,16 +58,8 @@ class OpenClipPatch:
         return (f"calrft_kernels: open_clip {', '.join(names)} -> fused "
                 f"(calrft_kernels.losses); kept open_clip's own: {', '.join(self.kept)}")
 
-    def __enter__(self) -> "OpenClipPatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            self.unpatch()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return f"OpenClipPatch({state}, replaced={list(self.replaced)}, kept={list(self.kept)})"
+    def _repr_fields(self) -> dict:
+        return {"kept": list(self.kept)}
 
 
 def patch() -> OpenClipPatch:
@@ -88,35 +67,24 @@ def patch() -> OpenClipPatch:
     the handle. Raises RuntimeError (nothing changed) when a patch is already active, or when the
     installed open_clip lacks a name, its create_loss does not look them up, or its classes take
     an argument the drop-ins do not."""
-    global _active
     modules = _modules()
-    with _lock:
-        if _active is not None:
-            raise RuntimeError("open_clip is already patched by calrft_kernels; call unpatch() "
-                               "(or leave the first patch's context) before patching again")
+    with _patching.exclusive(LIBRARY):
         _check(modules[REQUIRED_MODULE])
-        targets = [(module_name, module, name)
-                   for module_name, module in modules.items() for name in REPLACEMENTS
-                   if module_name == REQUIRED_MODULE or hasattr(module, name)]
         handle = OpenClipPatch()
-        for module_name, module, name in targets:
-            handle.replaced[f"{module_name}.{name}"] = getattr(module, name)
-            setattr(module, name, REPLACEMENTS[name])
-        _active = handle
+        handle.install((module, name, REPLACEMENTS[name], f"{module_name}.{name}")
+                       for module_name, module in modules.items() for name in REPLACEMENTS
+                       if module_name == REQUIRED_MODULE or hasattr(module, name))
         return handle
 
 
 def unpatch() -> None:
     """Undo the active patch; RuntimeError when there is none."""
-    handle = _active
-    if handle is None:
-        raise RuntimeError("open_clip is not patched by calrft_kernels: nothing to unpatch")
-    handle.unpatch()
+    _patching.unpatch(LIBRARY)
 
 
 def active_patch() -> Optional[OpenClipPatch]:
     """The active patch's handle, or None."""
-    return _active
+    return _patching.active(LIBRARY)
 
 
 def _modules() -> dict:
@@ -158,16 +126,3 @@ def _check(factory: ModuleType) -> None:
 
 def _params(function) -> set:
     return {name for name in inspect.signature(function).parameters if name != "self"}
-
-
-def _restore(replaced: dict) -> None:
-    import importlib
-    for qualified, original in reversed(list(replaced.items())):
-        module_name, name = qualified.rsplit(".", 1)
-        module = importlib.import_module(module_name)
-        current = getattr(module, name, None)
-        if current is not REPLACEMENTS[name]:
-            warnings.warn(f"{qualified} was changed by someone else after calrft_kernels "
-                          f"patched it; restoring open_clip's original over it", RuntimeWarning,
-                          stacklevel=3)
-        setattr(module, name, original)
