@@ -113,12 +113,16 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",                       # .safetensors weights (calrft eval / wise-ft)
     "matplotlib>=3.9",                        # report and WiSE-FT plots
 ]
-# Optional parts: `pip install calrft-kernels[webdataset]`, `calrft-kernels[open-clip-train]`.
+# Optional parts: `pip install calrft-kernels[webdataset]`, `calrft-kernels[open-clip-train]`,
+# `calrft-kernels[transformers]`.
 EXTRAS_REQUIRE = {
     "webdataset": ["webdataset>=1.0"],        # --train-data shards; shard evaluation sets
     # calrft-open-clip-train: open_clip_train's data loading imports pandas and webdataset,
     # which open_clip_torch's base install does not bring
     "open-clip-train": ["pandas>=2.2", "webdataset>=1.0"],
+    # calrft_kernels.integrations.transformers: pinned to the version its tests ran on (the
+    # integration checks the models' forward layout); accelerate is what transformers.Trainer needs
+    "transformers": ["transformers==5.18.0", "accelerate>=1.1.0"],
 }
 
 packages = find_packages(include=["calrft_kernels", "calrft_kernels.*"])
