@@ -235,6 +235,29 @@ def get(results, method, B):
     return None
 
 
+def patch_table(results, sizes, names, suffix: str, kind: str, library: str, what: str) -> str:
+    """The table of an integration's benchmark: for each B and name, the library's own `name`
+    against `name + suffix` (the same under the patch): time, ratio and extra peak memory."""
+    lines = [f"| B | d | {kind} | {library} {what} s | patched s | patched / {library} | "
+             f"{library} extra peak MiB | patched extra peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for B in sizes:
+        for name in names:
+            theirs, ours = get(results, name, B), get(results, name + suffix, B)
+            if ours is None:
+                continue
+            if theirs is None:
+                why = next((skip_reason(r) for _, r in at_size(results, B, [name])), "not run")
+                lines.append(f"| {B} | {ours['d']} | {name} | skipped ({why}) | "
+                             f"{ours['seconds']:.3f} | | | {ours['extra_mib']:.0f} |")
+                continue
+            lines.append(f"| {B} | {ours['d']} | {name} | {theirs['seconds']:.3f} | "
+                         f"{ours['seconds']:.3f}{runs_note(ours)} | "
+                         f"{ours['seconds'] / theirs['seconds']:.2f}x | "
+                         f"{theirs['extra_mib']:.0f} | {ours['extra_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def unit_features(B: int, d: int, seed: int = 0):
     """A make_step's inputs: (features, gen), where features() draws the next seeded [B, d]
     fp32 block of unit rows from gen (the student's, then the teacher's and any other draws of

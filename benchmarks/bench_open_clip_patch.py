@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, ROOT)
-from benchmarks._loss_bench import (LossBench, at_size, clearer, get,  # noqa: E402
-                                     runs_note, skip_reason, unit_features)
+from benchmarks._loss_bench import (LossBench, clearer, patch_table,  # noqa: E402
+                                     unit_features)
 
 SIZES = (4096, 8192, 16384)
 LOSSES = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
@@ -87,24 +87,7 @@ BENCH = LossBench(__file__, _make_step, BYTES_PER_B2)
 
 
 def table(results, sizes):
-    lines = ["| B | d | loss | open_clip fwd+bwd s | patched s | patched / open_clip | "
-             "open_clip extra peak MiB | patched extra peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for B in sizes:
-        for name in LOSSES:
-            theirs, ours = get(results, name, B), get(results, name + "+patch", B)
-            if ours is None:
-                continue
-            if theirs is None:
-                why = next((skip_reason(r) for _, r in at_size(results, B, [name])), "not run")
-                lines.append(f"| {B} | {ours['d']} | {name} | skipped ({why}) | "
-                             f"{ours['seconds']:.3f} | | | {ours['extra_mib']:.0f} |")
-                continue
-            lines.append(f"| {B} | {ours['d']} | {name} | {theirs['seconds']:.3f} | "
-                         f"{ours['seconds']:.3f}{runs_note(ours)} | "
-                         f"{ours['seconds'] / theirs['seconds']:.2f}x | "
-                         f"{theirs['extra_mib']:.0f} | {ours['extra_mib']:.0f} |")
-    return "\n".join(lines)
+    return patch_table(results, sizes, LOSSES, "+patch", "loss", "open_clip", "fwd+bwd")
 
 
 def main(argv=None):
