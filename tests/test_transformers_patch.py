@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ transformers = pytest.importorskip("transformers")  # the README's test command 
 from transformers.models.clip import modeling_clip  # noqa: E402
 from transformers.models.siglip import modeling_siglip  # noqa: E402
 
+from _dist_util import spawn_with_retry  # noqa: E402
 from calrft_kernels.integrations import transformers as integration  # noqa: E402
 
 siglip2 = pytest.importorskip("transformers.models.siglip2.modeling_siglip2") \
@@ -178,6 +180,19 @@ def test_positional_calls_and_return_dict_false_keep_their_meaning(name):
     assert torch.equal(out[1], ref[1])  # logits_per_image
 
 
+def test_a_compiled_patched_model_gives_the_same_loss_and_gradients():
+    """torch.compile (transformers.Trainer's torch_compile=True) traces the fused forward."""
+    model = tiny_model("CLIPModel").train()
+    inputs = batch("CLIPModel")
+    ref, ref_grads = step(model, inputs)
+    with integration.apply():
+        out, grads = step(torch.compile(model), inputs)
+    assert out.logits_per_text is None
+    assert_close_rel(out.loss, ref.loss, 2e-5, "loss")
+    assert_grads_close({k.removeprefix("_orig_mod."): g for k, g in grads.items()}, ref_grads,
+                       2e-5, 1e-2)
+
+
 def test_the_patched_forward_shows_the_models_own_signature():
     """transformers.Trainer keeps the dataset columns that model.forward names."""
     before = {cls: inspect.signature(cls.forward) for cls in CLASSES}
@@ -228,6 +243,40 @@ def test_a_profiled_training_step_runs_the_fused_op_and_nothing_b_by_b(name):
     assert not square(patched.shapes), square(patched.shapes)[:3]
     assert not [(e.name, e.input_shapes) for e in prof.events()
                 if square((e.name, s) for s in e.input_shapes if isinstance(s, list))]
+
+
+# ---- gather_across_devices: the global batch's loss on 2 gloo ranks --------------------------
+def _two_rank_step(rank, world, name):
+    """This rank's (loss, gradients) on its B rows of a 2B batch: gathered, then not."""
+    model = tiny_model(name, torch.float64).train()
+    full = batch(name, n=world * B, dtype=torch.float64)
+    mine = {k: v[rank * B:(rank + 1) * B] for k, v in full.items()}
+    results = {}
+    for gather in (True, False):
+        with integration.apply(gather_across_devices=gather) as handle:
+            assert ("global (gathered)" in handle.summary()) == gather
+            out, grads = step(model, mine)
+        results[gather] = (out.loss.detach(), grads)
+    return results
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+def test_gather_across_devices_gives_the_global_batch_loss_on_two_ranks(name, tmp_path_factory):
+    """The ranks' mean loss is the 2B batch's loss in one process, and the ranks' mean gradient
+    (DDP's averaging) its gradient; without gathering each rank has its own batch's loss."""
+    model = tiny_model(name, torch.float64).train()
+    full = batch(name, n=2 * B, dtype=torch.float64)
+    ref, ref_grads = step(model, full)
+    local = [step(model, {k: v[r * B:(r + 1) * B] for k, v in full.items()})[0].loss.detach()
+             for r in range(2)]
+    ranks = spawn_with_retry(tmp_path_factory, _two_rank_step, 2, name)
+    gathered = [ranks[r][True] for r in range(2)]
+    assert_close_rel((gathered[0][0] + gathered[1][0]) / 2, ref.loss.detach(), 1e-9, "loss")
+    mean_grads = {k: (gathered[0][1][k] + gathered[1][1][k]) / 2 for k in ref_grads}
+    assert_grads_close(mean_grads, ref_grads, 1e-9, 1e-6)
+    for r in range(2):  # not gathered: the rank's own B rows, as the model's own loss
+        assert_close_rel(ranks[r][False][0], local[r], 1e-9, f"rank {r}'s local loss")
+    assert abs(sum(local) / 2 - ref.loss.item()) > 1e-3  # the check can tell the two apart
 
 
 # ---- transformers.Trainer: the same weights patched and unpatched --------------------------
@@ -348,6 +397,14 @@ def test_a_missing_class_is_refused_and_an_absent_optional_one_is_reported(monke
             integration.apply(models=["Siglip2Model"])  # asked for by name: required
 
 
+def test_without_transformers_apply_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    with pytest.raises(RuntimeError, match=r"needs transformers \(pip install "
+                                           r"'calrft-kernels\[transformers\]'\)"):
+        integration.apply()
+    assert integration.active_patch() is None
+
+
 def test_an_output_class_without_the_fields_is_refused(monkeypatch):
     monkeypatch.delattr(modeling_clip, "CLIPOutput")
     with pytest.raises(RuntimeError, match="modeling_clip.CLIPOutput is missing"):
@@ -365,6 +422,7 @@ def test_models_selects_what_is_patched():
     (dict(models=["ClipModel"]), ValueError, "models must name some of"),
     (dict(models=[]), ValueError, "models must name some of"),
     (dict(skip_logits=1), TypeError, "skip_logits must be a bool"),
+    (dict(gather_across_devices="yes"), TypeError, "gather_across_devices must be a bool"),
     (dict(backend=None), TypeError, "backend must be a str"),
 ])
 def test_bad_arguments_are_refused_naming_them(kw, error, match):

@@ -18,7 +18,11 @@ transformers has it) runs the model's own towers and normalisation as before, th
   and hidden-state outputs) is the model's.
 The loss is in the op's statistics dtype: float32 for 16-bit features (as under autocast the
 model's own loss is), the features' dtype otherwise. Like the models' own loss, it is the loss of
-this process's batch; calrft_kernels' ops take a process_group for a global-batch loss.
+this process's batch, unless apply(gather_across_devices=True) (sentence-transformers' name for
+it): then, in a torch.distributed run (transformers.Trainer's DDP), each rank's rows meet every
+rank's batch through one all_gather of the [B, d] features, and the ranks' mean, which DDP's
+gradient averaging differentiates, is the loss of the global batch (calrft_kernels' process_group
+convention, docs/api.md).
 
 `apply()` checks before it changes anything: each class must exist (Siglip2Model only where
 asked for by name), its forward must take exactly the parameters the fused forward passes on,
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..contrastive import ContrastiveInputs, contrastive_terms
 from ..sigmoid import SigmoidInputs, sigmoid_terms
@@ -93,10 +98,11 @@ class TransformersPatch(_patching.Patch):
     either restores every forward to its original."""
     library = LIBRARY
 
-    def __init__(self, skip_logits: bool, backend: str) -> None:
+    def __init__(self, skip_logits: bool, backend: str, gather_across_devices: bool) -> None:
         super().__init__()
         self.skip_logits = skip_logits
         self.backend = backend
+        self.gather_across_devices = gather_across_devices
         self.families: dict = {}
         self.absent: dict = {}
 
@@ -104,35 +110,42 @@ class TransformersPatch(_patching.Patch):
         """One line naming what was replaced (and what the installed transformers lacks)."""
         fused = ", ".join(f"{name} ({family})" for name, family in self.families.items())
         logits = "skipped" if self.skip_logits else "built"
+        batch = "global (gathered)" if self.gather_across_devices else "this process's"
         line = (f"calrft_kernels: transformers {fused} return_loss -> fused "
-                f"(calrft_kernels ops); logits in training forwards: {logits}")
+                f"(calrft_kernels ops); logits in training forwards: {logits}; loss over "
+                f"{batch} batch")
         if self.absent:
             line += "; not patched: " + ", ".join(f"{k} ({v})" for k, v in self.absent.items())
         return line
 
     def _repr_fields(self) -> dict:
-        return {"skip_logits": self.skip_logits, "absent": list(self.absent)}
+        return {"skip_logits": self.skip_logits,
+                "gather_across_devices": self.gather_across_devices, "absent": list(self.absent)}
 
 
 def apply(models: Optional[Sequence[str]] = None, *, skip_logits: bool = True,
-          backend: str = "auto") -> TransformersPatch:
+          gather_across_devices: bool = False, backend: str = "auto") -> TransformersPatch:
     """Make the models' `return_loss=True` use the fused ops; return the handle.
 
     models: class names among MODELS (default: CLIPModel, SiglipModel, and Siglip2Model where
     the installed transformers has it); skip_logits (default True): training forwards with
-    return_loss=True leave logits_per_image / logits_per_text None (nothing B x B); backend:
+    return_loss=True leave logits_per_image / logits_per_text None (nothing B x B);
+    gather_across_devices (default False): in a torch.distributed run, each rank's loss is its
+    rows against the global batch (the default process group), not against its own; backend:
     the ops' backend ("auto": the C++ kernels on CPU tensors, the chunked path on CUDA).
     Raises RuntimeError (nothing changed) when a patch is already active, transformers is not
     installed, or a class, its forward's parameters or its output's fields are not what the
     fused forward relies on; TypeError / ValueError for a bad argument."""
     names = _check_models(models)
-    if not isinstance(skip_logits, bool):
-        raise TypeError(f"skip_logits must be a bool, got {type(skip_logits).__name__}")
+    for flag, value in (("skip_logits", skip_logits),
+                        ("gather_across_devices", gather_across_devices)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     version = _version()
     with _patching.exclusive(LIBRARY):
-        handle = TransformersPatch(skip_logits, backend)
+        handle = TransformersPatch(skip_logits, backend, gather_across_devices)
         found, problems = {}, []
         for name in names:
             spec = MODELS[name]
@@ -276,7 +289,8 @@ def _fused_forward(spec: ModelSpec, original, output, norm, handle: Transformers
                 logits_per_text = logits_per_text + bias
             logits_per_image = logits_per_text.t()
         if return_loss:
-            loss = _loss(spec.family, image_embeds, text_embeds, scale, bias, handle.backend)
+            loss = _loss(spec.family, image_embeds, text_embeds, scale, bias, handle.backend,
+                         _group(handle.gather_across_devices))
         return output(loss=loss, logits_per_image=logits_per_image,
                       logits_per_text=logits_per_text, text_embeds=text_embeds,
                       image_embeds=image_embeds, text_model_output=text,
@@ -286,15 +300,23 @@ def _fused_forward(spec: ModelSpec, original, output, norm, handle: Transformers
     return functools.wraps(original)(can_return_tuple(forward))
 
 
-def _loss(family: str, image, text, scale, bias, backend: str):
+def _group(gather: bool):
+    """The process group of a gathered loss: the default group of a distributed run with more
+    than one rank, else None (one process: its batch is the global batch)."""
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _loss(family: str, image, text, scale, bias, backend: str, group):
     """The model's loss from the fused ops, in the statistics dtype."""
     if image.dtype != text.dtype:  # e.g. towers of different dtypes under autocast
         dtype = torch.promote_types(image.dtype, text.dtype)
         image, text = image.to(dtype), text.to(dtype)
     if family == "softmax":
-        return contrastive_terms(ContrastiveInputs.validate(image, text, scale,
-                                                            backend=backend)).contrastive
-    return sigmoid_terms(SigmoidInputs.validate(image, text, scale, bias,
+        return contrastive_terms(ContrastiveInputs.validate(
+            image, text, scale, process_group=group, backend=backend)).contrastive
+    return sigmoid_terms(SigmoidInputs.validate(image, text, scale, bias, process_group=group,
                                                 backend=backend)).total
 
 
