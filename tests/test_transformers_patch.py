@@ -7,6 +7,7 @@ import copy
 import inspect
 import sys
 
+import numpy
 import pytest
 import torch
 
@@ -281,8 +282,8 @@ def test_gather_across_devices_gives_the_global_batch_loss_on_two_ranks(name, tm
 
 # ---- transformers.Trainer: the same weights patched and unpatched --------------------------
 class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, name, n, dtype):
-        self.items = batch(name, n=n, dtype=dtype, seed=3)
+    def __init__(self, name, n, dtype, seed=3):
+        self.items = batch(name, n=n, dtype=dtype, seed=seed)
 
     def __len__(self):
         return len(self.items["input_ids"])
@@ -304,27 +305,36 @@ def _train(name, tmp_path, dtype, optim, steps=4):
         use_cpu=True, seed=11, dataloader_num_workers=0, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args,
                                    train_dataset=_Pairs(name, 4 * B, dtype),
+                                   eval_dataset=_Pairs(name, 2 * B, dtype, seed=4),
                                    data_collator=_collate)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return copy.deepcopy(model.state_dict()), losses
+    # evaluation: eval mode, so the forwards build the logits, which Trainer collects
+    metrics = trainer.evaluate()
+    prediction = trainer.predict(_Pairs(name, B, dtype, seed=4))
+    return copy.deepcopy(model.state_dict()), losses, metrics["eval_loss"], prediction
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("dtype, optim", [(torch.float32, "sgd"), (torch.float64, "adamw_torch")])
 def test_trainer_steps_give_the_same_weights(name, dtype, optim, tmp_path):
-    """Four Trainer steps, patched and unpatched. AdamW runs in float64: in float32, Adam's
+    """Four Trainer steps, then evaluate() and predict() (eval forwards: the logits are built and
+    collected), patched and unpatched. AdamW runs in float64: in float32, Adam's
     normalisation turns the keys' biases' noise gradients (exactly 0 in exact arithmetic, ~1e-8
     here) into steps of +-lr whose sign is the noise's, in either model."""
-    ref, ref_losses = _train(name, tmp_path / "plain", dtype, optim)
+    ref, ref_losses, ref_eval, ref_prediction = _train(name, tmp_path / "plain", dtype, optim)
     with integration.apply():
-        weights, losses = _train(name, tmp_path / "fused", dtype, optim)
+        weights, losses, eval_loss, prediction = _train(name, tmp_path / "fused", dtype, optim)
     start = tiny_model(name, dtype, seed=5).state_dict()
     assert any(not torch.equal(ref[k], start[k]) for k in ref)  # the steps changed the weights
     assert len(losses) == len(ref_losses) == 4
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     for k in ref:
         torch.testing.assert_close(weights[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert eval_loss == pytest.approx(ref_eval, rel=1e-5)
+    logits, ref_logits = prediction.predictions[0], ref_prediction.predictions[0]
+    assert logits.shape == ref_logits.shape == (B, B)  # logits_per_image, as unpatched
+    numpy.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
 # ---- bad use: refused with a clear error, nothing changed ------------------------------------
