@@ -14,6 +14,11 @@ from _open_clip_train_util import ADAMW, SGD, base_flags, execute, make_data, ru
 
 pytestmark = pytest.mark.timeout(900)
 
+# The first loss call (the same weights in both runs) agrees to LOSS_RTOL: the loss's own
+# rounding. Later calls see weights that already differ by float32 rounding, which the training
+# dynamics amplify: SigLIP at scale 10 / bias -10 grew 0, 1.9e-7, 1.2e-7, 3.9e-7, 8.6e-7,
+# 1.3e-6 over its first six calls on an Intel Xeon host (under 1e-6 on the AMD EPYC one), so
+# they agree to WEIGHT_TOL, the bound of the weights they come from.
 LOSS_RTOL, WEIGHT_TOL = 1e-6, 1e-5
 TWO_RANKS = ["--batch-size", "4", "--local-loss", "--gather-with-grad"]
 # case: (extra flags, open_clip's loss class, processes, optimizer flags); "distill" gets its
@@ -78,7 +83,8 @@ def assert_same_losses(ours: list, theirs: list):
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert a["terms"].keys() == b["terms"].keys()
         for term, want in b["terms"].items():
-            assert abs(a["terms"][term] - want) <= LOSS_RTOL * abs(want), \
+            rtol = LOSS_RTOL if step == 0 else WEIGHT_TOL
+            assert abs(a["terms"][term] - want) <= rtol * abs(want), \
                 (step, term, a["terms"][term], want)
 
 

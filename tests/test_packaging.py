@@ -63,7 +63,8 @@ def test_installed_tree_imports_and_finds_its_data(built):
 # ---- issue 22: what `pip install` brings ---------------------------------------------------------
 
 # Imported only by an optional part, which says how to install it when it is missing.
-OPTIONAL = {"webdataset": "webdataset"}     # top-level module -> the extra that declares it
+OPTIONAL = {"webdataset": "webdataset",      # top-level module -> the extra that declares it
+            "transformers": "transformers"}
 FIRST_PARTY = {"calrft", "calrft_kernels"}
 
 

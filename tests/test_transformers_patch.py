@@ -7,19 +7,22 @@ import copy
 import inspect
 import sys
 
+import importlib
+
 import numpy
 import pytest
 import torch
+# Not importorskip: the README's test command installs transformers (requirements.txt), and a
+# missing one must fail here rather than skip these tests.
+import transformers
+from transformers.models.clip import modeling_clip
+from transformers.models.siglip import modeling_siglip
 
-transformers = pytest.importorskip("transformers")  # the README's test command installs it
+from _dist_util import spawn_with_retry
+from calrft_kernels.integrations import transformers as integration
 
-from transformers.models.clip import modeling_clip  # noqa: E402
-from transformers.models.siglip import modeling_siglip  # noqa: E402
-
-from _dist_util import spawn_with_retry  # noqa: E402
-from calrft_kernels.integrations import transformers as integration  # noqa: E402
-
-siglip2 = pytest.importorskip("transformers.models.siglip2.modeling_siglip2") \
+# Siglip2Model where the installed transformers has it (5.18.0, the pinned one, does)
+siglip2 = importlib.import_module("transformers.models.siglip2.modeling_siglip2") \
     if hasattr(transformers, "Siglip2Model") else None
 
 B = 7            # no other dimension of the tiny models is 7: a tensor with two is B x B
@@ -228,6 +231,13 @@ def square(shapes):
     return [(op, s) for op, s in shapes if list(s).count(PROFILE_B) >= 2]
 
 
+def square_inputs(prof) -> list:
+    """The profiled ops (those inside the ops' C++ kernels included) that take a PROFILE_B x
+    PROFILE_B tensor."""
+    return [(e.name, e.input_shapes) for e in prof.events()
+            if square((e.name, s) for s in e.input_shapes if isinstance(s, list))]
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_a_profiled_training_step_runs_the_fused_op_and_nothing_b_by_b(name):
     model = tiny_model(name).train()
@@ -239,11 +249,9 @@ def test_a_profiled_training_step_runs_the_fused_op_and_nothing_b_by_b(name):
         family = handle.families[name]
         with torch.profiler.profile(record_shapes=True) as prof, _Shapes() as patched:
             step(model, inputs)
-    names = {e.name for e in prof.events()}
-    assert FUSED_OP[family] in names
+    assert FUSED_OP[family] in {e.name for e in prof.events()}
     assert not square(patched.shapes), square(patched.shapes)[:3]
-    assert not [(e.name, e.input_shapes) for e in prof.events()
-                if square((e.name, s) for s in e.input_shapes if isinstance(s, list))]
+    assert not square_inputs(prof), square_inputs(prof)[:3]
 
 
 # ---- gather_across_devices: the global batch's loss on 2 gloo ranks --------------------------
@@ -278,6 +286,22 @@ def test_gather_across_devices_gives_the_global_batch_loss_on_two_ranks(name, tm
     for r in range(2):  # not gathered: the rank's own B rows, as the model's own loss
         assert_close_rel(ranks[r][False][0], local[r], 1e-9, f"rank {r}'s local loss")
     assert abs(sum(local) / 2 - ref.loss.item()) > 1e-3  # the check can tell the two apart
+
+
+
+
+def test_the_backend_reaches_the_op():
+    """backend="reference" (the plain torch formula) materialises the B x B logits inside the
+    loss; the default's kernels do not."""
+    model = tiny_model("CLIPModel").train()
+    inputs = batch("CLIPModel", n=PROFILE_B)
+    seen = {}
+    for backend in ("auto", "reference"):
+        with integration.apply(models=["CLIPModel"], backend=backend), \
+                torch.profiler.profile(record_shapes=True) as prof:
+            step(model, inputs)
+        seen[backend] = square_inputs(prof)
+    assert not seen["auto"] and seen["reference"]
 
 
 # ---- transformers.Trainer: the same weights patched and unpatched --------------------------
@@ -434,6 +458,9 @@ def test_models_selects_what_is_patched():
     (dict(skip_logits=1), TypeError, "skip_logits must be a bool"),
     (dict(gather_across_devices="yes"), TypeError, "gather_across_devices must be a bool"),
     (dict(backend=None), TypeError, "backend must be a str"),
+    (dict(backend="fastest"), ValueError, "backend='fastest' is unavailable for CLIPModel"),
+    (dict(backend="triton"), ValueError, "backend='triton' is unavailable for SiglipModel's "
+                                         "sigmoid loss"),
 ])
 def test_bad_arguments_are_refused_naming_them(kw, error, match):
     with pytest.raises(error, match=match):

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import _backend, sigmoid
 from ..contrastive import ContrastiveInputs, contrastive_terms
 from ..sigmoid import SigmoidInputs, sigmoid_terms
 from . import _patching
@@ -51,6 +52,7 @@ __all__ = ["apply", "unpatch", "active_patch", "TransformersPatch", "MODELS", "T
 LIBRARY = "transformers"
 TESTED_VERSION = "5.18.0"  # the version of setup.py's [transformers] extra
 EXTRA = "calrft-kernels[transformers]"
+FAMILY_BACKENDS = {"softmax": _backend.BACKENDS, "sigmoid": ("auto",) + sigmoid.KERNELS}
 OUTPUT_FIELDS = ("loss", "logits_per_image", "logits_per_text", "text_embeds", "image_embeds",
                  "text_model_output", "vision_model_output")
 
@@ -141,8 +143,7 @@ def apply(models: Optional[Sequence[str]] = None, *, skip_logits: bool = True,
                         ("gather_across_devices", gather_across_devices)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_backend(backend, names)
     version = _version()
     with _patching.exclusive(LIBRARY):
         handle = TransformersPatch(skip_logits, backend, gather_across_devices)
@@ -192,6 +193,16 @@ def _check_models(models) -> tuple:
     if unknown or not models:
         raise ValueError(f"models must name some of {list(MODELS)}, got {list(models)!r}")
     return tuple(dict.fromkeys(models))
+
+
+def _check_backend(backend, names) -> None:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    for name in names:
+        family = MODELS[name].family
+        if backend not in FAMILY_BACKENDS[family]:
+            raise ValueError(f"backend={backend!r} is unavailable for {name}'s {family} loss "
+                             f"(its backends: {', '.join(FAMILY_BACKENDS[family])})")
 
 
 def _version() -> str:
@@ -310,7 +321,7 @@ def _group(gather: bool):
 
 def _loss(family: str, image, text, scale, bias, backend: str, group):
     """The model's loss from the fused ops, in the statistics dtype."""
-    if image.dtype != text.dtype:  # e.g. towers of different dtypes under autocast
+    if image.dtype != text.dtype:  # towers kept in different dtypes
         dtype = torch.promote_types(image.dtype, text.dtype)
         image, text = image.to(dtype), text.to(dtype)
     if family == "softmax":
