@@ -6,6 +6,7 @@ A library's module builds its handle (a Patch subclass naming the library), chec
 on inside `exclusive(library)`, then calls `handle.install(...)` with the attributes to replace."""
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from contextlib import contextmanager
@@ -111,3 +112,8 @@ def unpatch(library: str) -> None:
     if handle is None:
         raise RuntimeError(f"{library} is not patched by calrft_kernels: nothing to unpatch")
     handle.unpatch()
+
+
+def params(function) -> set:
+    """The parameter names of a function or method, self excluded (the signature checks)."""
+    return {name for name in inspect.signature(function).parameters if name != "self"}

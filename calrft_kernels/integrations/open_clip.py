@@ -113,7 +113,8 @@ def _check(factory: ModuleType) -> None:
         theirs = getattr(factory, name, None)
         if inspect.isclass(theirs):
             for method in ("__init__", "forward"):
-                extra = _params(getattr(theirs, method)) - _params(getattr(ours, method))
+                extra = (_patching.params(getattr(theirs, method))
+                         - _patching.params(getattr(ours, method)))
                 if extra:
                     problems.append(f"open_clip's {name}.{method} takes {sorted(extra)}, which "
                                     f"calrft_kernels.losses.{name} does not")
@@ -122,7 +123,3 @@ def _check(factory: ModuleType) -> None:
         version = getattr(open_clip, "__version__", "?")
         raise RuntimeError(f"cannot patch open_clip {version} (nothing was changed): "
                            + "; ".join(problems))
-
-
-def _params(function) -> set:
-    return {name for name in inspect.signature(function).parameters if name != "self"}

@@ -231,7 +231,7 @@ def _check_layout(name: str, spec: ModelSpec, cls, output) -> list:
     if "forward" not in vars(cls):
         problems.append(f"{name} has no forward of its own")
     else:
-        params = _params(cls.forward)
+        params = _patching.params(cls.forward)
         missing, extra = spec.forward_params - params, params - spec.forward_params
         if missing:
             problems.append(f"{name}.forward lacks {sorted(missing)}")
@@ -243,8 +243,9 @@ def _check_layout(name: str, spec: ModelSpec, cls, output) -> list:
                             f"can_return_tuple (its return_dict handling)")
     for tower, args in ((spec.vision, spec.vision_args), (spec.text, spec.text_args)):
         method = getattr(cls, tower, None)  # a submodule (SigLIP) is an instance attribute
-        if method is not None and not set(args) <= _params(method):
-            problems.append(f"{name}.{tower} does not take {sorted(set(args) - _params(method))}")
+        lacking = set(args) - _patching.params(method) if method is not None else set()
+        if lacking:
+            problems.append(f"{name}.{tower} does not take {sorted(lacking)}")
     if output is None:
         problems.append(f"{spec.module}.{spec.output} is missing")
     else:
@@ -254,10 +255,6 @@ def _check_layout(name: str, spec: ModelSpec, cls, output) -> list:
             problems.append(f"{spec.output} lacks the fields "
                             f"{sorted(set(OUTPUT_FIELDS) - fields)}")
     return problems
-
-
-def _params(function) -> set:
-    return {name for name in inspect.signature(function).parameters if name != "self"}
 
 
 def _normaliser(spec: ModelSpec):
